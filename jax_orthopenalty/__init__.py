@@ -1,0 +1,24 @@
+"""Orthogonality penalties for JAX, with closed-form ``custom_vjp`` gradients.
+
+See :func:`orthogonality_penalty` for the math.
+"""
+
+from ._penalty import orthogonality_error as orthogonality_error
+from ._penalty import orthogonality_penalty as orthogonality_penalty
+from ._penalty import orthogonality_penalty_grad as orthogonality_penalty_grad
+from ._rules import Norm as Norm
+from ._rules import Subgradient as Subgradient
+from ._rules import deadzone as deadzone
+from ._rules import huber as huber
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Norm",
+    "Subgradient",
+    "deadzone",
+    "huber",
+    "orthogonality_error",
+    "orthogonality_penalty",
+    "orthogonality_penalty_grad",
+]

@@ -1,0 +1,689 @@
+r"""The orthogonality penalty: layout, Gram residual, value, closed-form gradient.
+
+Notation, for one group :math:`\Phi_i` (an :math:`l \times n` matrix whose columns are
+the vectors that should be orthonormal):
+
+.. math::
+
+    C_i = \Phi_i^\top \Phi_i, \qquad X_i = C_i - I_n, \qquad
+    L = \beta \sum_i \sum_{jk} f(X_i)_{jk}, \qquad
+    \frac{\partial L}{\partial \Phi_i} = \beta\, \Phi_i \bigl(F_i + F_i^\top\bigr),
+    \quad F_i = f'(X_i).
+
+The forward pass forms :math:`C_i` once and keeps the small :math:`n \times n` matrix
+:math:`\beta (F_i + F_i^\top)`; the backward pass is one matmul with :math:`\Phi_i`.
+The family options change only the small matrices:
+
+* ``off_diagonal``: :math:`F_i` and :math:`f(X_i)` are zero on the diagonal.
+* ``normalize``: the Gram of the unit-norm columns is :math:`D_i C_i D_i` with
+  :math:`D_i = \operatorname{diag}(1/\nu_j)`, :math:`\nu_j = \sqrt{\max(C_{jj}, \epsilon)}`,
+  and the gradient through the normalisation folds into the same small matrix:
+  :math:`\Phi_i \bigl(D_i W_i D_i - \operatorname{diag}(c_j [C_{jj} > \epsilon] / \nu_j^3)\bigr)`
+  with :math:`W_i = \beta (F_i + F_i^\top)` and :math:`c_j = (C_i D_i W_i)_{jj}`.
+* ``double_sided``: adds :math:`\sum f(\Psi_i\Psi_i^\top - I_l)`, whose gradient
+  :math:`(H_i + H_i^\top)\Psi_i` is a second, :math:`l \times l`, product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from ._rules import Norm, Rule, Subgradient, make_rule
+
+__all__ = [
+    "DEFAULT_PRECISION",
+    "NORMALIZE_EPS",
+    "Layout",
+    "Spec",
+    "make_spec",
+    "orthogonality_error",
+    "orthogonality_penalty",
+    "orthogonality_penalty_grad",
+]
+
+DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
+"""The default matmul precision of the Gram matrix: full float32 on GPU and TPU."""
+
+NORMALIZE_EPS = 1e-12
+r"""``normalize=True`` divides column :math:`j` by :math:`\sqrt{\max(|\phi_j|^2, 10^{-12})}`,
+as ``tf.math.l2_normalize`` (and so Keras' ``OrthogonalRegularizer``) does."""
+
+VectorAxis = int | Sequence[int]
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which axes of ``phi`` are vectors, columns and groups; all non-negative."""
+
+    ndim: int
+    vector_axes: tuple[int, ...]
+    column_axis: int
+
+    @property
+    def group_axes(self) -> tuple[int, ...]:
+        used = {*self.vector_axes, self.column_axis}
+        return tuple(a for a in range(self.ndim) if a not in used)
+
+    # einsum subscripts: one letter per axis of phi; the column axis gets a second
+    # letter for the other side of the Gram matrix.
+    @functools.cached_property
+    def _letters(self) -> str:
+        return string.ascii_letters[: self.ndim]
+
+    @functools.cached_property
+    def _column_twin(self) -> str:
+        return string.ascii_letters[self.ndim]
+
+    def _with(self, axis: int, letter: str) -> str:
+        s = list(self._letters)
+        s[axis] = letter
+        return "".join(s)
+
+    @functools.cached_property
+    def gram_subscripts(self) -> str:
+        """``phi, phi -> (groups..., n, n)``."""
+        groups = "".join(self._letters[a] for a in self.group_axes)
+        c, d = self._letters[self.column_axis], self._column_twin
+        return f"{self._letters},{self._with(self.column_axis, d)}->{groups}{c}{d}"
+
+    @functools.cached_property
+    def apply_subscripts(self) -> str:
+        """``phi, (groups..., n, n) -> phi``: the right product Phi_i M_i."""
+        groups = "".join(self._letters[a] for a in self.group_axes)
+        c, d = self._letters[self.column_axis], self._column_twin
+        return f"{self._with(self.column_axis, d)},{groups}{d}{c}->{self._letters}"
+
+    @functools.cached_property
+    def _vector_twins(self) -> str:
+        return string.ascii_letters[self.ndim + 1 : self.ndim + 1 + len(self.vector_axes)]
+
+    def _with_vector_twins(self) -> str:
+        s = list(self._letters)
+        for a, t in zip(self.vector_axes, self._vector_twins, strict=True):
+            s[a] = t
+        return "".join(s)
+
+    @functools.cached_property
+    def row_gram_subscripts(self) -> str:
+        """``phi, phi -> (groups..., *vector, *vector)``: Phi_i Phi_i^T."""
+        groups = "".join(self._letters[a] for a in self.group_axes)
+        vec = "".join(self._letters[a] for a in self.vector_axes)
+        return f"{self._letters},{self._with_vector_twins()}->{groups}{vec}{self._vector_twins}"
+
+    @functools.cached_property
+    def left_apply_subscripts(self) -> str:
+        """``(groups..., *vector, *vector), phi -> phi``: the left product H_i Phi_i."""
+        groups = "".join(self._letters[a] for a in self.group_axes)
+        vec = "".join(self._letters[a] for a in self.vector_axes)
+        return f"{groups}{vec}{self._vector_twins},{self._with_vector_twins()}->{self._letters}"
+
+
+def _normalize_axis(name: str, axis: object, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"`{name}` must be an int, got {axis!r} of type {type(axis).__name__}.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"`{name}`={axis} is out of range for phi of rank {ndim} "
+            f"(expected -{ndim} <= axis < {ndim})."
+        )
+    return axis % ndim
+
+
+def make_layout(ndim: int, vector_axis: VectorAxis, column_axis: int) -> Layout:
+    """Validates the axes for a ``phi`` of rank ``ndim``."""
+    if ndim < 2:
+        raise ValueError(
+            f"`phi` must have rank >= 2 (vectors and columns), got rank {ndim}. "
+            "A single vector is not a group: reshape it to (l, 1)."
+        )
+    if isinstance(vector_axis, (tuple, list)):
+        if not vector_axis:
+            raise ValueError("`vector_axis` must be an int or a non-empty tuple of ints, got ().")
+        vector_axes = tuple(_normalize_axis("vector_axis", a, ndim) for a in vector_axis)
+        if len(set(vector_axes)) != len(vector_axes):
+            raise ValueError(f"`vector_axis`={tuple(vector_axis)} names an axis twice.")
+    else:
+        vector_axes = (_normalize_axis("vector_axis", vector_axis, ndim),)
+    column = _normalize_axis("column_axis", column_axis, ndim)
+    if column in vector_axes:
+        raise ValueError(
+            f"`column_axis`={column_axis} overlaps `vector_axis`={vector_axis}: "
+            "an axis is either contracted (vector) or indexes the columns, not both."
+        )
+    return Layout(ndim, vector_axes, column)
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Everything static about one penalty: hashable, so it is a static argument."""
+
+    layout: Layout
+    rule: Rule
+    precision: Any
+    off_diagonal: bool
+    normalize: bool
+    double_sided: bool
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a Python bool, got {value!r}.")
+    return value
+
+
+def make_spec(
+    phi: jax.Array,
+    *,
+    vector_axis: VectorAxis,
+    column_axis: int,
+    norm: Norm,
+    subgradient: Subgradient,
+    precision: Any,
+    off_diagonal: bool,
+    normalize: bool,
+    double_sided: bool,
+) -> Spec:
+    """Validates every static option against ``phi`` (at trace time)."""
+    spec = Spec(
+        layout=make_layout(phi.ndim, vector_axis, column_axis),
+        rule=make_rule(norm, subgradient),
+        precision=precision,
+        off_diagonal=_check_flag("off_diagonal", off_diagonal),
+        normalize=_check_flag("normalize", normalize),
+        double_sided=_check_flag("double_sided", double_sided),
+    )
+    if not isinstance(norm, str) or norm == "l1":
+        _check_derivative_shape(spec.rule, subgradient)
+    return spec
+
+
+def _check_derivative_shape(rule: Rule, subgradient: Subgradient) -> None:
+    probe = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    out = jax.eval_shape(rule.derivative, probe)
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != probe.shape:
+        got = getattr(out, "shape", type(out).__name__)
+        raise TypeError(
+            f"`subgradient` {subgradient!r} must map an array x to an array of x's shape, "
+            f"got {got} for an input of shape {probe.shape}."
+        )
+
+
+def check_phi(phi: ArrayLike) -> jax.Array:
+    """Converts ``phi`` to an array and checks that its dtype is real floating."""
+    if not hasattr(phi, "dtype"):
+        phi = jnp.asarray(phi, dtype=float)
+    dtype = jnp.dtype(phi.dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"`phi` must be real floating point, got {dtype}. Complex Phi^H Phi is not "
+            "supported: penalise the real representation [[Re, -Im], [Im, Re]] instead."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"`phi` must have a floating dtype (float16, bfloat16, float32, float64), got {dtype}."
+        )
+    return jnp.asarray(phi)
+
+
+def check_beta(beta: ArrayLike, acc: jnp.dtype) -> jax.Array:
+    """Converts ``beta`` to a scalar array; integers become ``acc``."""
+    if isinstance(beta, bool):
+        raise TypeError(f"`beta` must be a real scalar, got {beta!r}.")
+    beta_arr = jnp.asarray(beta)
+    if beta_arr.ndim != 0:
+        raise ValueError(f"`beta` must be a scalar, got an array of shape {beta_arr.shape}.")
+    if jnp.issubdtype(beta_arr.dtype, jnp.complexfloating) or beta_arr.dtype == bool:
+        raise TypeError(f"`beta` must be a real scalar, got dtype {beta_arr.dtype}.")
+    if not jnp.issubdtype(beta_arr.dtype, jnp.floating):
+        beta_arr = beta_arr.astype(acc)
+    return beta_arr
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """float32 for the half types; the dtype itself otherwise."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+# --------------------------------------------------------------------------- math
+
+
+def _eye(n: int, ndim: int, dtype: Any) -> jax.Array:
+    return jnp.eye(n, dtype=dtype).reshape((1,) * (ndim - 2) + (n, n))
+
+
+def _swap(a: jax.Array) -> jax.Array:
+    return jnp.swapaxes(a, -1, -2)
+
+
+def _gram(spec: Spec, phi: jax.Array, acc: Any) -> jax.Array:
+    return jnp.einsum(
+        spec.layout.gram_subscripts,
+        phi,
+        phi,
+        precision=spec.precision,
+        preferred_element_type=acc,
+    )
+
+
+def _apply(spec: Spec, phi: jax.Array, m: jax.Array) -> jax.Array:
+    """Phi_i M_i for every group, in ``m``'s dtype."""
+    return jnp.einsum(
+        spec.layout.apply_subscripts,
+        phi.astype(m.dtype),
+        m,
+        precision=spec.precision,
+        preferred_element_type=m.dtype,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Residual:
+    """What the forward pass computes and the backward pass reuses."""
+
+    total: jax.Array  # sum of f over every entry (the value / beta)
+    f_prime: jax.Array  # F = f'(X), (groups..., n, n), diagonal zeroed if off_diagonal
+    gram: jax.Array | None  # C, kept only for normalize
+    inv_norm: jax.Array | None  # 1 / nu, (groups..., n), only for normalize
+    row_f_prime: jax.Array | None  # f'(Y) for double_sided, (groups..., *vec, *vec)
+
+
+def _row_block(spec: Spec, psi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Array]:
+    """The double-sided term: sum f(Psi Psi^T - I_l) and f'(Psi Psi^T - I_l)."""
+    layout = spec.layout
+    vec_shape = tuple(psi.shape[a] for a in layout.vector_axes)
+    lsize = math.prod(vec_shape)
+    row = jnp.einsum(
+        layout.row_gram_subscripts,
+        psi,
+        psi,
+        precision=spec.precision,
+        preferred_element_type=acc,
+    )
+    eye = jnp.eye(lsize, dtype=acc).reshape(
+        (1,) * len(layout.group_axes) + vec_shape + vec_shape
+    )
+    y = row - eye
+    fy, dy = spec.rule.value(y), spec.rule.derivative(y)
+    if spec.off_diagonal:
+        fy, dy = fy * (1 - eye), dy * (1 - eye)
+    return jnp.sum(fy), dy
+
+
+def _forward(spec: Spec, phi: jax.Array) -> _Residual:
+    acc = accumulation_dtype(phi.dtype)
+    layout = spec.layout
+    gram = _gram(spec, phi, acc)
+    n = phi.shape[layout.column_axis]
+    eye = _eye(n, gram.ndim, acc)
+    inv_norm = None
+    if spec.normalize:
+        sq = jnp.diagonal(gram, axis1=-2, axis2=-1)
+        inv_norm = jax.lax.rsqrt(jnp.maximum(sq, NORMALIZE_EPS))
+        x = gram * inv_norm[..., :, None] * inv_norm[..., None, :] - eye
+    else:
+        x = gram - eye
+    fx, f_prime = spec.rule.value(x), spec.rule.derivative(x)
+    if spec.off_diagonal:
+        # A product, not a select: NaN and Inf on the diagonal still reach the value.
+        fx, f_prime = fx * (1 - eye), f_prime * (1 - eye)
+    total = jnp.sum(fx)
+    row_f_prime = None
+    if spec.double_sided:
+        psi = _normalized(spec, phi, inv_norm) if spec.normalize else phi
+        row_total, row_f_prime = _row_block(spec, psi, acc)
+        total = total + row_total
+    return _Residual(
+        total=total,
+        f_prime=f_prime,
+        gram=gram if spec.normalize else None,
+        inv_norm=inv_norm,
+        row_f_prime=row_f_prime,
+    )
+
+
+def _normalized(spec: Spec, phi: jax.Array, inv_norm: jax.Array) -> jax.Array:
+    """Psi = Phi D: ``inv_norm`` broadcast back onto phi's column axis."""
+    return phi.astype(inv_norm.dtype) * _on_columns(spec.layout, inv_norm)
+
+
+def _on_columns(layout: Layout, per_column: jax.Array) -> jax.Array:
+    """Moves a (groups..., n) array into phi's axis order, size 1 on the vector axes."""
+    order = (*layout.group_axes, layout.column_axis)
+    perm = sorted(range(len(order)), key=order.__getitem__)
+    return jnp.expand_dims(jnp.transpose(per_column, perm), layout.vector_axes)
+
+
+def _backward(spec: Spec, phi: jax.Array, res: _Residual, scale: jax.Array) -> jax.Array:
+    """d(scale * total)/d phi, in the accumulation dtype."""
+    w = scale * (res.f_prime + _swap(res.f_prime))
+    if not spec.normalize:
+        grad = _apply(spec, phi, w)
+        if spec.double_sided:
+            assert res.row_f_prime is not None
+            grad = grad + _left(spec, scale, res.row_f_prime, phi.astype(w.dtype))
+        return grad
+    assert res.gram is not None and res.inv_norm is not None
+    r = res.inv_norm
+    # Through Psi = Phi D with nu = sqrt(max(C_jj, eps)); d nu / d phi is 0 where
+    # C_jj <= eps, which is where the max picks eps.
+    live = (jnp.diagonal(res.gram, axis1=-2, axis2=-1) > NORMALIZE_EPS).astype(r.dtype)
+    if not spec.double_sided:
+        # One matmul: Phi (D W D - diag(c_j live_j / nu_j^3)), c_j = (C D W)_jj.
+        c = jnp.einsum("...jk,...k,...kj->...j", res.gram, r, w, precision=spec.precision)
+        m = w * r[..., :, None] * r[..., None, :]
+        m = m - jnp.vectorize(jnp.diag, signature="(n)->(n,n)")(c * live * r**3)
+        return _apply(spec, phi, m)
+    assert res.row_f_prime is not None
+    phi_acc = phi.astype(r.dtype)
+    psi = _normalized(spec, phi, r)
+    g = _apply(spec, psi, w) + _left(spec, scale, res.row_f_prime, psi)
+    dots = jnp.sum(phi_acc * g, axis=spec.layout.vector_axes, keepdims=True)
+    return g * _on_columns(spec.layout, r) - phi_acc * dots * _on_columns(
+        spec.layout, live * r**3
+    )
+
+
+def _left(spec: Spec, scale: jax.Array, row_f_prime: jax.Array, psi: jax.Array) -> jax.Array:
+    """(H + H^T) Psi, scaled: the double-sided term's gradient with respect to Psi."""
+    k = len(spec.layout.vector_axes)
+    g = len(spec.layout.group_axes)
+    perm = (*range(g), *range(g + k, g + 2 * k), *range(g, g + k))
+    h = scale * (row_f_prime + jnp.transpose(row_f_prime, perm))
+    return jnp.einsum(
+        spec.layout.left_apply_subscripts,
+        h,
+        psi,
+        precision=spec.precision,
+        preferred_element_type=h.dtype,
+    )
+
+
+# --------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _penalty(spec: Spec, phi: jax.Array, beta: jax.Array) -> jax.Array:
+    return _penalty_fwd(spec, phi, beta)[0]
+
+
+def _penalty_fwd(
+    spec: Spec, phi: jax.Array, beta: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, _Residual]]:
+    res = _forward(spec, phi)
+    value = (beta.astype(res.total.dtype) * res.total).astype(phi.dtype)
+    return value, (phi, beta, res)
+
+
+def _penalty_bwd(
+    spec: Spec, saved: tuple[jax.Array, jax.Array, _Residual], ct: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    phi, beta, res = saved
+    ct = ct.astype(res.total.dtype)
+    grad = _backward(spec, phi, res, ct * beta.astype(ct.dtype))
+    return grad.astype(phi.dtype), (ct * res.total).astype(beta.dtype)
+
+
+_penalty.defvjp(_penalty_fwd, _penalty_bwd)
+
+jax.tree_util.register_dataclass(
+    _Residual,
+    data_fields=["total", "f_prime", "gram", "inv_norm", "row_f_prime"],
+    meta_fields=[],
+)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _prepare(
+    phi: ArrayLike, beta: ArrayLike, **options: Any
+) -> tuple[Spec, jax.Array, jax.Array]:
+    phi_arr = check_phi(phi)
+    spec = make_spec(phi_arr, **options)
+    beta_arr = check_beta(beta, accumulation_dtype(phi_arr.dtype))
+    return spec, phi_arr, beta_arr
+
+
+def orthogonality_penalty(
+    phi: ArrayLike,
+    beta: ArrayLike = 1.0,
+    *,
+    vector_axis: VectorAxis = 0,
+    column_axis: int = -1,
+    norm: Norm = "l1",
+    subgradient: Subgradient = "zero",
+    precision: Any = DEFAULT_PRECISION,
+    off_diagonal: bool = False,
+    normalize: bool = False,
+    double_sided: bool = False,
+) -> jax.Array:
+    r"""The orthogonality penalty, with a closed-form backward pass.
+
+    For a tensor whose groups are the :math:`l \times n` matrices :math:`\Phi_i`
+    (``Phi[:, i, :]`` in the default ``(l, m, n)`` layout),
+
+    .. math::
+
+        L(\Phi) = \beta \sum_i \sum_{jk} f\bigl(\Phi_i^\top \Phi_i - I_n\bigr)_{jk},
+        \qquad
+        \frac{\partial L}{\partial \Phi_i} = \beta\, \Phi_i \bigl(F_i + F_i^\top\bigr),
+        \quad F_i = f'\bigl(\Phi_i^\top \Phi_i - I_n\bigr),
+
+    where :math:`f` is the entrywise ``norm`` (:math:`|x|` by default, so the
+    gradient is :math:`2\beta\,\Phi_i\,\operatorname{sign}(\Phi_i^\top\Phi_i - I)`).
+    The derivative with respect to the :math:`l`-vector ``Phi[:, i, b]`` is column
+    ``b`` of that matrix.
+
+    It is defined with :func:`jax.custom_vjp`: the forward pass forms each Gram
+    matrix once, and the backward pass is one matmul per group, where autodiff
+    of the plain expression does the Gram and two matmuls. At the kink of
+    :math:`|x|` the derivative follows ``subgradient``; the default ``"zero"`` takes
+    :math:`\operatorname{sign}(0) = 0`, so the gradient at an exactly orthonormal
+    :math:`\Phi` is exactly 0. (``jax.grad(jnp.abs)(0.0)`` is 1, so autodiff of the
+    plain expression gives a non-zero gradient there.)
+
+    Forward mode (:func:`jax.jvp`, :func:`jax.jacfwd`, :func:`jax.hessian`) is not
+    defined for a ``custom_vjp`` function and raises. Use
+    :func:`orthogonality_penalty_grad`, plain differentiable JAX, for it; reverse
+    over reverse (``jax.grad(lambda p: jnp.vdot(jax.grad(penalty)(p), v))``) works
+    here.
+
+    Args:
+      phi: the parameter tensor, rank >= 2, real floating dtype.
+      beta: the strength :math:`\beta`: a Python float or a scalar array, which may
+        be traced (a schedule). Its gradient is the unscaled penalty.
+      vector_axis: the axis (or tuple of axes, flattened together, for example a
+        conv kernel's ``(0, 1, 2)``) of the :math:`l`-vectors: contracted in the Gram.
+      column_axis: the axis that indexes the :math:`n` vectors of a group. Every axis
+        that is neither a vector nor the column axis is a group axis.
+      norm: the entrywise :math:`f`: ``"l1"`` (:math:`|x|`), ``"squared"``
+        (:math:`x^2`, the Frobenius² "soft orthogonality" penalty) or
+        :func:`huber` ``(delta)``.
+      subgradient: the derivative of :math:`|x|` for ``norm="l1"``: ``"zero"``
+        (sign(0) = 0, default), ``"positive"`` (sign(0) = 1, what autodiff does),
+        ``"negative"`` (sign(0) = -1), :func:`deadzone` ``(tol)``, or a callable
+        ``x -> s`` with values in [-1, 1]. Ignored by the smooth norms. Static.
+      precision: the matmul precision (:class:`jax.lax.Precision`). ``HIGHEST`` by
+        default: near orthonormality :math:`\Phi^\top\Phi - I` is a small
+        difference that TF32 or one-pass bfloat16 matmuls get wrong.
+      off_diagonal: leave the diagonal of :math:`\Phi_i^\top\Phi_i - I` out (BigGAN,
+        Sonnet, Keras): only the angles are penalised, not the norms.
+      normalize: scale the columns to unit norm first, dividing by
+        :math:`\sqrt{\max(|\phi_j|^2, 10^{-12})}`, so the penalty acts on cosines
+        (Keras). The gradient goes through the normalisation.
+      double_sided: also add :math:`\sum f(\Phi_i\Phi_i^\top - I_l)` (DSO). It can
+        only be 0 for square groups (:math:`l = n`); for :math:`l \neq n` its
+        minimum is positive and it pulls towards a tight frame.
+
+    Returns:
+      The scalar penalty, in ``phi``'s dtype (accumulated in float32 for
+      bfloat16 and float16).
+
+    Raises:
+      ValueError: rank < 2, axes out of range or overlapping, a non-scalar
+        ``beta``, an unknown ``norm`` or ``subgradient`` name.
+      TypeError: a non-floating or complex ``phi``, options of the wrong type.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_orthopenalty as jop
+      >>> phi = jnp.stack([jnp.eye(3), 2 * jnp.eye(3)], axis=1)   # (l, m, n) = (3, 2, 3)
+      >>> jop.orthogonality_penalty(phi, 0.5)          # 0.5 * (0 + 3 * |4 - 1|)
+      Array(4.5, dtype=float32)
+      >>> jax.grad(jop.orthogonality_penalty)(phi)[:, 0, :]   # orthonormal: exactly 0
+      Array([[0., 0., 0.],
+             [0., 0., 0.],
+             [0., 0., 0.]], dtype=float32)
+
+    References:
+      Brock et al., *Neural Photo Editing with Introspective Adversarial Networks*,
+      ICLR 2017. Bansal, Chen and Wang, *Can We Gain More from Orthogonality
+      Regularizations in Training Deep CNNs?*, NeurIPS 2018.
+    """
+    spec, phi_arr, beta_arr = _prepare(
+        phi,
+        beta,
+        vector_axis=vector_axis,
+        column_axis=column_axis,
+        norm=norm,
+        subgradient=subgradient,
+        precision=precision,
+        off_diagonal=off_diagonal,
+        normalize=normalize,
+        double_sided=double_sided,
+    )
+    return _penalty(spec, phi_arr, beta_arr)
+
+
+def orthogonality_penalty_grad(
+    phi: ArrayLike,
+    beta: ArrayLike = 1.0,
+    *,
+    vector_axis: VectorAxis = 0,
+    column_axis: int = -1,
+    norm: Norm = "l1",
+    subgradient: Subgradient = "zero",
+    precision: Any = DEFAULT_PRECISION,
+    off_diagonal: bool = False,
+    normalize: bool = False,
+    double_sided: bool = False,
+) -> jax.Array:
+    r"""The closed-form gradient of :func:`orthogonality_penalty`, as plain JAX.
+
+    .. math::
+
+        \frac{\partial L}{\partial \Phi_i} = \beta\, \Phi_i \bigl(F_i + F_i^\top\bigr)
+        = 2\beta\, \Phi_i\, \operatorname{sign}\bigl(\Phi_i^\top\Phi_i - I\bigr)
+        \quad\text{(for the default L1 norm)}
+
+    It is the same computation as the penalty's backward pass, so it equals
+    ``jax.grad(orthogonality_penalty)`` for the same options, but it is an ordinary
+    differentiable function: :func:`jax.jvp`, :func:`jax.jacfwd` and Hessian-vector
+    products in forward-over-reverse mode work through it. For the L1 norm the
+    sign is piecewise constant, so its derivative is
+    :math:`\beta V_i (F_i + F_i^\top)` in the direction :math:`V`.
+
+    Args:
+      phi: the parameter tensor (see :func:`orthogonality_penalty`).
+      beta: the strength, a Python float or a scalar array.
+      vector_axis: the axis or axes of the vectors.
+      column_axis: the axis of the columns.
+      norm: ``"l1"``, ``"squared"`` or :func:`huber` ``(delta)``.
+      subgradient: the kink convention for ``"l1"``.
+      precision: the matmul precision, ``HIGHEST`` by default.
+      off_diagonal: leave the diagonal out.
+      normalize: penalise the cosines of unit-norm columns.
+      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term.
+
+    Returns:
+      An array of ``phi``'s shape and dtype.
+
+    Raises:
+      ValueError, TypeError: as :func:`orthogonality_penalty`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_orthopenalty as jop
+      >>> phi = jnp.array([[2.0, 0.0], [0.0, 1.0]])     # one group: columns of norm 2, 1
+      >>> jop.orthogonality_penalty_grad(phi)          # 2 * phi * sign(diag(3, 0))
+      Array([[4., 0.],
+             [0., 0.]], dtype=float32)
+      >>> v = jnp.ones_like(phi)
+      >>> jax.jvp(jop.orthogonality_penalty_grad, (phi,), (v,))[1]   # beta V (G + G^T)
+      Array([[2., 0.],
+             [2., 0.]], dtype=float32)
+    """
+    spec, phi_arr, beta_arr = _prepare(
+        phi,
+        beta,
+        vector_axis=vector_axis,
+        column_axis=column_axis,
+        norm=norm,
+        subgradient=subgradient,
+        precision=precision,
+        off_diagonal=off_diagonal,
+        normalize=normalize,
+        double_sided=double_sided,
+    )
+    res = _forward(spec, phi_arr)
+    scale = beta_arr.astype(res.total.dtype)
+    return _backward(spec, phi_arr, res, scale).astype(phi_arr.dtype)
+
+
+def orthogonality_error(
+    phi: ArrayLike,
+    *,
+    vector_axis: VectorAxis = 0,
+    column_axis: int = -1,
+    precision: Any = DEFAULT_PRECISION,
+) -> jax.Array:
+    r"""How far each group is from orthonormal: :math:`\max_{jk} |\Phi_i^\top\Phi_i - I|_{jk}`.
+
+    For logging and tests. It is 0 exactly when the columns of :math:`\Phi_i` are
+    orthonormal; :math:`\epsilon` means every column norm² and every inner product
+    is within :math:`\epsilon` of the identity's.
+
+    Args:
+      phi: the parameter tensor (see :func:`orthogonality_penalty`).
+      vector_axis: the axis or axes of the vectors.
+      column_axis: the axis of the columns.
+      precision: the matmul precision, ``HIGHEST`` by default.
+
+    Returns:
+      An array over the group axes, in their order in ``phi`` (a scalar for a 2-D
+      ``phi``), in ``phi``'s dtype, or float32 for bfloat16 and float16 input.
+      An empty column axis gives 0.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_orthopenalty as jop
+      >>> phi = jnp.stack([jnp.eye(2), jnp.array([[1.0, 0.5], [0.0, 1.0]])], axis=1)
+      >>> jop.orthogonality_error(phi)                 # per group, shape (m,)
+      Array([0. , 0.5], dtype=float32)
+    """
+    phi_arr = check_phi(phi)
+    layout = make_layout(phi_arr.ndim, vector_axis, column_axis)
+    spec = Spec(layout, make_rule("l1", "zero"), precision, False, False, False)
+    acc = accumulation_dtype(phi_arr.dtype)
+    gram = _gram(spec, phi_arr, acc)
+    x = jnp.abs(gram - _eye(gram.shape[-1], gram.ndim, acc))
+    if x.shape[-1] == 0:
+        return jnp.zeros(x.shape[:-2], acc)
+    return jnp.max(x, axis=(-2, -1))
+

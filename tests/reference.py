@@ -1,0 +1,129 @@
+"""An independent float64 NumPy reference for the penalty, its gradient and error.
+
+Written from the definitions, one group at a time, with no code shared with the
+library: the layout is handled by moving axes, the Gram matrices by plain ``@``,
+and the chain rule through the normalisation by its Jacobian (I - psi psi^T)/|phi|.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+EPS = 1e-12  # the normalisation's floor on |phi_j|^2, as tf.math.l2_normalize
+
+
+def _canonical(phi: np.ndarray, vector_axis: Any, column_axis: int) -> tuple[np.ndarray, Any]:
+    """Returns phi as (m, l, n) float64, and a function mapping (m, l, n) back."""
+    ndim = phi.ndim
+    vec = tuple(a % ndim for a in (vector_axis if isinstance(vector_axis, tuple) else (vector_axis,)))
+    col = column_axis % ndim
+    groups = [a for a in range(ndim) if a not in vec and a != col]
+    perm = [*groups, *vec, col]
+    moved = np.transpose(np.asarray(phi, np.float64), perm)
+    gshape = moved.shape[: len(groups)]
+    vshape = moved.shape[len(groups) : len(groups) + len(vec)]
+    n = moved.shape[-1]
+    m, l = int(np.prod(gshape, dtype=int)), int(np.prod(vshape, dtype=int))
+    flat = moved.reshape(m, l, n)
+
+    def back(a: np.ndarray) -> np.ndarray:
+        return np.transpose(a.reshape(moved.shape), np.argsort(perm))
+
+    return flat, back
+
+
+def sign_with(at_zero: float) -> Callable[[np.ndarray], np.ndarray]:
+    def s(x: np.ndarray) -> np.ndarray:
+        return np.where(x == 0, at_zero, np.sign(x))
+
+    return s
+
+
+def entrywise(norm: Any, subgradient: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(f, f') for the options, written from their definitions."""
+    if norm == "squared":
+        return np.square, lambda x: 2 * x
+    if hasattr(norm, "delta"):
+        d = norm.delta
+        return (
+            lambda x: np.where(np.abs(x) <= d, x * x / (2 * d), np.abs(x) - d / 2),
+            lambda x: np.clip(x / d, -1, 1),
+        )
+    assert norm == "l1"
+    if hasattr(subgradient, "tol"):
+        t = subgradient.tol
+        return np.abs, lambda x: np.where(np.abs(x) > t, np.sign(x), 0.0)
+    if callable(subgradient):
+        return np.abs, lambda x: np.asarray(subgradient(x), np.float64)
+    return np.abs, sign_with({"zero": 0.0, "positive": 1.0, "negative": -1.0}[subgradient])
+
+
+def penalty_and_grad(
+    phi: Any,
+    beta: float = 1.0,
+    *,
+    vector_axis: Any = 0,
+    column_axis: int = -1,
+    norm: Any = "l1",
+    subgradient: Any = "zero",
+    off_diagonal: bool = False,
+    normalize: bool = False,
+    double_sided: bool = False,
+) -> tuple[float, np.ndarray]:
+    """The value and the gradient (shaped like phi), in float64."""
+    f, df = entrywise(norm, subgradient)
+    flat, back = _canonical(np.asarray(phi), vector_axis, column_axis)
+    value = 0.0
+    grad = np.zeros_like(flat)
+    for i, a in enumerate(flat):
+        l, n = a.shape
+        if normalize:
+            norms = np.sqrt(np.maximum((a * a).sum(axis=0), EPS))
+            psi = a / norms
+        else:
+            psi = a
+        terms = [(psi.T @ psi - np.eye(n), "cols")]
+        if double_sided:
+            terms.append((psi @ psi.T - np.eye(l), "rows"))
+        g_psi = np.zeros_like(a)
+        for x, kind in terms:
+            keep = 1 - np.eye(x.shape[0]) if off_diagonal else np.ones_like(x)
+            value += float((f(x) * keep).sum())
+            s = df(x) * keep
+            # d sum f(P^T P - I) / dP = P (S + S^T);  d sum f(P P^T - I) / dP = (S + S^T) P
+            g_psi += psi @ (s + s.T) if kind == "cols" else (s + s.T) @ psi
+        if normalize:
+            live = (a * a).sum(axis=0) > EPS
+            for j in range(n):
+                u = psi[:, j]
+                jac = np.eye(l) / norms[j]
+                if live[j]:
+                    jac = (np.eye(l) - np.outer(u, u)) / norms[j]
+                grad[i, :, j] = jac @ g_psi[:, j]
+        else:
+            grad[i] = g_psi
+    return beta * value, beta * back(grad)
+
+
+def error(phi: Any, *, vector_axis: Any = 0, column_axis: int = -1) -> np.ndarray:
+    """max |Phi_i^T Phi_i - I| per group, shaped like the group axes."""
+    ndim = np.ndim(phi)
+    vec = tuple(a % ndim for a in (vector_axis if isinstance(vector_axis, tuple) else (vector_axis,)))
+    col = column_axis % ndim
+    gshape = tuple(np.shape(phi)[a] for a in range(ndim) if a not in vec and a != col)
+    flat, _ = _canonical(np.asarray(phi), vector_axis, column_axis)
+    out = [
+        np.abs(a.T @ a - np.eye(a.shape[1])).max(initial=0.0) for a in flat
+    ]
+    return np.asarray(out, np.float64).reshape(gshape)
+
+
+def signed_permutation(l: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """An l x n matrix of distinct signed unit columns: Phi^T Phi = I exactly."""
+    rows = rng.permutation(l)[:n]
+    out = np.zeros((l, n))
+    out[rows, np.arange(n)] = rng.choice([-1.0, 1.0], size=n)
+    return out

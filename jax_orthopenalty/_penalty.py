@@ -213,7 +213,7 @@ def make_spec(
 
 
 def _check_derivative_shape(rule: Rule, subgradient: Subgradient) -> None:
-    probe = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    probe = jax.ShapeDtypeStruct((2, 3), jnp.float32)  # type: ignore[no-untyped-call]
     out = jax.eval_shape(rule.derivative, probe)
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != probe.shape:
         got = getattr(out, "shape", type(out).__name__)
@@ -257,7 +257,7 @@ def check_beta(beta: ArrayLike, acc: jnp.dtype) -> jax.Array:
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
     """float32 for the half types; the dtype itself otherwise."""
     dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- math
@@ -315,9 +315,7 @@ def _row_block(spec: Spec, psi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Arr
         precision=spec.precision,
         preferred_element_type=acc,
     )
-    eye = jnp.eye(lsize, dtype=acc).reshape(
-        (1,) * len(layout.group_axes) + vec_shape + vec_shape
-    )
+    eye = jnp.eye(lsize, dtype=acc).reshape((1,) * len(layout.group_axes) + vec_shape + vec_shape)
     y = row - eye
     fy, dy = spec.rule.value(y), spec.rule.derivative(y)
     if spec.off_diagonal:
@@ -345,7 +343,7 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     total = jnp.sum(fx)
     row_f_prime = None
     if spec.double_sided:
-        psi = _normalized(spec, phi, inv_norm) if spec.normalize else phi
+        psi = phi if inv_norm is None else _normalized(spec, phi, inv_norm)
         row_total, row_f_prime = _row_block(spec, psi, acc)
         total = total + row_total
     return _Residual(
@@ -394,9 +392,7 @@ def _backward(spec: Spec, phi: jax.Array, res: _Residual, scale: jax.Array) -> j
     psi = _normalized(spec, phi, r)
     g = _apply(spec, psi, w) + _left(spec, scale, res.row_f_prime, psi)
     dots = jnp.sum(phi_acc * g, axis=spec.layout.vector_axes, keepdims=True)
-    return g * _on_columns(spec.layout, r) - phi_acc * dots * _on_columns(
-        spec.layout, live * r**3
-    )
+    return g * _on_columns(spec.layout, r) - phi_acc * dots * _on_columns(spec.layout, live * r**3)
 
 
 def _left(spec: Spec, scale: jax.Array, row_f_prime: jax.Array, psi: jax.Array) -> jax.Array:
@@ -451,9 +447,7 @@ jax.tree_util.register_dataclass(
 # --------------------------------------------------------------------------- public
 
 
-def _prepare(
-    phi: ArrayLike, beta: ArrayLike, **options: Any
-) -> tuple[Spec, jax.Array, jax.Array]:
+def _prepare(phi: ArrayLike, beta: ArrayLike, **options: Any) -> tuple[Spec, jax.Array, jax.Array]:
     phi_arr = check_phi(phi)
     spec = make_spec(phi_arr, **options)
     beta_arr = check_beta(beta, accumulation_dtype(phi_arr.dtype))
@@ -686,4 +680,3 @@ def orthogonality_error(
     if x.shape[-1] == 0:
         return jnp.zeros(x.shape[:-2], acc)
     return jnp.max(x, axis=(-2, -1))
-

@@ -28,7 +28,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class deadzone:  # noqa: N801  (used like a function: ``subgradient=jop.deadzone(1e-6)``)
+class deadzone:
     r"""The subgradient convention that treats a band around the kink as the kink.
 
     .. math::
@@ -71,7 +71,7 @@ class deadzone:  # noqa: N801  (used like a function: ``subgradient=jop.deadzone
 
 
 @dataclasses.dataclass(frozen=True)
-class huber:  # noqa: N801  (used like a function: ``norm=jop.huber(0.1)``)
+class huber:
     r"""The Huber norm: the Moreau envelope of :math:`|x|`, a smooth L1.
 
     .. math::

@@ -18,7 +18,9 @@ EPS = 1e-12  # the normalisation's floor on |phi_j|^2, as tf.math.l2_normalize
 def _canonical(phi: np.ndarray, vector_axis: Any, column_axis: int) -> tuple[np.ndarray, Any]:
     """Returns phi as (m, l, n) float64, and a function mapping (m, l, n) back."""
     ndim = phi.ndim
-    vec = tuple(a % ndim for a in (vector_axis if isinstance(vector_axis, tuple) else (vector_axis,)))
+    vec = tuple(
+        a % ndim for a in (vector_axis if isinstance(vector_axis, tuple) else (vector_axis,))
+    )
     col = column_axis % ndim
     groups = [a for a in range(ndim) if a not in vec and a != col]
     perm = [*groups, *vec, col]
@@ -111,13 +113,13 @@ def penalty_and_grad(
 def error(phi: Any, *, vector_axis: Any = 0, column_axis: int = -1) -> np.ndarray:
     """max |Phi_i^T Phi_i - I| per group, shaped like the group axes."""
     ndim = np.ndim(phi)
-    vec = tuple(a % ndim for a in (vector_axis if isinstance(vector_axis, tuple) else (vector_axis,)))
+    vec = tuple(
+        a % ndim for a in (vector_axis if isinstance(vector_axis, tuple) else (vector_axis,))
+    )
     col = column_axis % ndim
     gshape = tuple(np.shape(phi)[a] for a in range(ndim) if a not in vec and a != col)
     flat, _ = _canonical(np.asarray(phi), vector_axis, column_axis)
-    out = [
-        np.abs(a.T @ a - np.eye(a.shape[1])).max(initial=0.0) for a in flat
-    ]
+    out = [np.abs(a.T @ a - np.eye(a.shape[1])).max(initial=0.0) for a in flat]
     return np.asarray(out, np.float64).reshape(gshape)
 
 

@@ -492,11 +492,12 @@ def orthogonality_penalty(
     :math:`\Phi` is exactly 0. (``jax.grad(jnp.abs)(0.0)`` is 1, so autodiff of the
     plain expression gives a non-zero gradient there.)
 
-    Forward mode (:func:`jax.jvp`, :func:`jax.jacfwd`, :func:`jax.hessian`) is not
-    defined for a ``custom_vjp`` function and raises. Use
-    :func:`orthogonality_penalty_grad`, plain differentiable JAX, for it; reverse
-    over reverse (``jax.grad(lambda p: jnp.vdot(jax.grad(penalty)(p), v))``) works
-    here.
+    Forward mode on the penalty itself (:func:`jax.jvp`, :func:`jax.jacfwd`) is
+    not defined for a ``custom_vjp`` function and raises ``TypeError``; use
+    :func:`orthogonality_penalty_grad`, plain differentiable JAX, for it.
+    Derivatives of the gradient work either way: reverse over reverse
+    (``jax.grad(lambda p: jnp.vdot(jax.grad(penalty)(p), v))``) and forward over
+    reverse (:func:`jax.hessian`) differentiate the plain-JAX backward pass.
 
     Args:
       phi: the parameter tensor, rank >= 2, real floating dtype.

@@ -330,13 +330,21 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     n = phi.shape[layout.column_axis]
     eye = _eye(n, gram.ndim, acc)
     inv_norm = None
+    unit_diagonal = None
     if spec.normalize:
         sq = jnp.diagonal(gram, axis1=-2, axis2=-1)
         inv_norm = jax.lax.rsqrt(jnp.maximum(sq, NORMALIZE_EPS))
         x = gram * inv_norm[..., :, None] * inv_norm[..., None, :] - eye
+        # A normalised column has |psi_j|^2 = 1 identically, so X_jj = 0 with zero
+        # derivative. Say so exactly instead of leaving 1 - |psi_j|^2 ~ 1e-16 to the
+        # kink's convention. NaN fails `sq > eps` and stays.
+        unit_diagonal = (eye == 1) & (sq > NORMALIZE_EPS)[..., None, :]
+        x = jnp.where(unit_diagonal, 0, x)
     else:
         x = gram - eye
     fx, f_prime = spec.rule.value(x), spec.rule.derivative(x)
+    if unit_diagonal is not None:
+        f_prime = jnp.where(unit_diagonal, 0, f_prime)
     if spec.off_diagonal:
         # A product, not a select: NaN and Inf on the diagonal still reach the value.
         fx, f_prime = fx * (1 - eye), f_prime * (1 - eye)
@@ -521,7 +529,9 @@ def orthogonality_penalty(
         Sonnet, Keras): only the angles are penalised, not the norms.
       normalize: scale the columns to unit norm first, dividing by
         :math:`\sqrt{\max(|\phi_j|^2, 10^{-12})}`, so the penalty acts on cosines
-        (Keras). The gradient goes through the normalisation.
+        (Keras). The gradient goes through the normalisation. The diagonal of a
+        normalised column's Gram is exactly 1; a zero column has cosines 0 and
+        :math:`X_{jj} = -1`, with a finite gradient.
       double_sided: also add :math:`\sum f(\Phi_i\Phi_i^\top - I_l)` (DSO). It can
         only be 0 for square groups (:math:`l = n`); for :math:`l \neq n` its
         minimum is positive and it pulls towards a tight frame.

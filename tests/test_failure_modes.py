@@ -1,0 +1,457 @@
+"""Failure modes, each pinned to an exact, documented behaviour (docs/failure-modes.md).
+
+NaN and Inf propagate; overflow thresholds; n > l; zero columns under ``normalize``;
+a deadzone below the dtype's resolution; complex input; and hygiene: no global
+state, bitwise determinism, no leaked jax config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jax_orthopenalty as jop
+
+import reference as ref
+
+NORMS: list[Any] = ["l1", "squared", jop.huber(0.5)]
+FAMILIES: list[dict[str, bool]] = [
+    {},
+    {"off_diagonal": True},
+    {"normalize": True},
+    {"double_sided": True},
+    {"normalize": True, "off_diagonal": True, "double_sided": True},
+]
+
+
+@pytest.fixture(autouse=True)
+def _x64_stays_off() -> Iterator[None]:
+    # Catches a leak from any module that ran before this one, and from these tests.
+    assert not jax.config.jax_enable_x64
+    yield
+    assert not jax.config.jax_enable_x64
+
+
+def _value_and_grads(phi: jax.Array, **opts: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    value = jop.orthogonality_penalty(phi, 0.5, **opts)
+    auto = jax.grad(lambda p: jop.orthogonality_penalty(p, 0.5, **opts))(phi)
+    closed = jop.orthogonality_penalty_grad(phi, 0.5, **opts)
+    return value, auto, closed
+
+
+# --------------------------------------------------------------------------- NaN / Inf
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("norm", NORMS, ids=str)
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: "+".join(f) or "plain")
+def test_nonfinite_input_propagates(bad: float, norm: Any, family: dict[str, bool]) -> None:
+    """One bad entry in group 1 of (l, m, n) = (4, 3, 3): the value is not finite,
+    group 1's gradient has non-finite entries, and groups 0 and 2 are untouched."""
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=(4, 3, 3)).astype(np.float32)
+    poisoned = clean.copy()
+    poisoned[2, 1, 0] = bad
+    opts = {"norm": norm, **family}
+    _, auto_clean, _ = _value_and_grads(jnp.asarray(clean), **opts)
+    value, auto, closed = _value_and_grads(jnp.asarray(poisoned), **opts)
+    assert not np.isfinite(float(value))
+    if np.isnan(bad):
+        assert np.isnan(float(value))
+    for g in (auto, closed):
+        g = np.asarray(g)
+        assert not np.isfinite(g[:, 1, :]).all()
+        np.testing.assert_array_equal(g[:, [0, 2], :], np.asarray(auto_clean)[:, [0, 2], :])
+    np.testing.assert_array_equal(np.isfinite(auto), np.isfinite(closed))
+
+
+@pytest.mark.parametrize(
+    "subgradient", ["zero", "positive", "negative", jop.deadzone(0.1)], ids=str
+)
+def test_nan_propagates_through_every_convention(subgradient: Any) -> None:
+    # A NaN on the diagonal, with off_diagonal=True: multiplied by 0, still NaN.
+    phi = jnp.eye(3)[:, None, :].at[0, 0, 0].set(jnp.nan)
+    for opts in ({}, {"off_diagonal": True}):
+        value, auto, closed = _value_and_grads(phi, subgradient=subgradient, **opts)
+        assert np.isnan(float(value))
+        assert np.isnan(np.asarray(auto)).any() and np.isnan(np.asarray(closed)).any()
+
+
+def test_inf_with_off_diagonal_reads_nan() -> None:
+    """The diagonal is dropped by multiplying with 0, and inf * 0 = NaN: an Inf input
+    gives a NaN (not inf) value under off_diagonal=True. Non-finite either way. (An
+    Inf times an exact 0 in the Gram reads NaN too: [[inf, 0], [0, 1]] gives NaN.)"""
+    phi = jnp.asarray(np.random.default_rng(0).normal(size=(3, 1, 3)), jnp.float32)
+    phi = phi.at[0, 0, 0].set(jnp.inf)
+    assert float(jop.orthogonality_penalty(phi)) == np.inf
+    assert np.isnan(float(jop.orthogonality_penalty(phi, off_diagonal=True)))
+    assert np.isnan(float(jop.orthogonality_penalty(jnp.array([[jnp.inf, 0], [0, 1.0]]))))
+
+
+def test_orthogonality_error_propagates_nan() -> None:
+    phi = jnp.stack([jnp.eye(2), jnp.eye(2).at[0, 1].set(jnp.nan)], axis=1)
+    err = np.asarray(jop.orthogonality_error(phi))
+    assert err[0] == 0.0 and np.isnan(err[1])
+
+
+# --------------------------------------------------------------------------- overflow
+
+
+def _one(x: float, dtype: Any) -> jax.Array:
+    return jnp.full((1, 1), x, dtype)
+
+
+def test_float32_l1_overflow_threshold() -> None:
+    """1x1 phi = [[x]]: X = x^2 - 1. In float32 the Gram overflows at x = 2^64
+    (x^2 = 2^128 > FLT_MAX); the L1 value is then inf but the gradient 2 x sign(X)
+    is finite, since the derivative of |.| is bounded."""
+    below, above = _one(2.0**63, jnp.float32), _one(2.0**64, jnp.float32)
+    assert float(jop.orthogonality_penalty(below)) == 2.0**126
+    assert float(jop.orthogonality_penalty(above)) == np.inf
+    for opts in ({}, {"norm": jop.huber(1.0)}):
+        g = jop.orthogonality_penalty_grad(above, **opts)
+        assert float(g[0, 0]) == 2.0**65
+        assert float(jax.grad(jop.orthogonality_penalty)(above)[0, 0]) == 2.0**65
+
+
+def test_float32_squared_overflow_threshold() -> None:
+    """Squared: X^2 overflows first, at x = 2^32 (X = 2^64, X^2 = 2^128). The
+    gradient 4 X x = 2^98 is still finite there; at x = 2^64 X is inf and so is it."""
+    opts = {"norm": "squared"}
+    assert np.isfinite(float(jop.orthogonality_penalty(_one(2.0**31, jnp.float32), **opts)))
+    assert float(jop.orthogonality_penalty(_one(2.0**32, jnp.float32), **opts)) == np.inf
+    g = jop.orthogonality_penalty_grad(_one(2.0**32, jnp.float32), **opts)
+    assert float(g[0, 0]) == 2.0**98
+    g = jop.orthogonality_penalty_grad(_one(2.0**64, jnp.float32), **opts)
+    assert not np.isfinite(float(g[0, 0]))
+
+
+def test_half_precision_accumulates_in_float32() -> None:
+    """float16 max is 65504. A column (200, 200) has C = 80000, beyond float16: the
+    Gram is accumulated in float32, so only the final cast of the value can overflow."""
+    col = np.full((2, 1), 200.0)  # C = 80000 > float16 max, exact in float32
+    phi = jnp.asarray(col, jnp.float16)
+    # The value 79999 is not representable in float16: rounding gives inf (>= 65520).
+    assert float(jop.orthogonality_penalty(phi)) == np.inf
+    # The half-scaled value 0.5 * 79999 is representable: the Gram did not overflow.
+    v = jop.orthogonality_penalty(phi, 0.5)
+    assert v.dtype == jnp.float16
+    assert float(v) == float(np.float16(0.5 * 79999.0))
+    g = jop.orthogonality_penalty_grad(phi)
+    assert g.dtype == jnp.float16 and float(g[0, 0]) == 400.0
+    # bfloat16 has float32's range: the same input is finite.
+    vb = jop.orthogonality_penalty(jnp.asarray(col, jnp.bfloat16))
+    assert vb.dtype == jnp.bfloat16 and np.isfinite(float(vb))
+
+
+def test_float16_value_overflow_threshold() -> None:
+    """A single float16 column [[x]]: the value x^2 - 1 overflows float16 at x = 256
+    (65535 rounds to inf), not at 255 (65024); the gradient 2 x stays finite."""
+    assert float(jop.orthogonality_penalty(_one(255.0, jnp.float16))) == 65024.0
+    assert float(jop.orthogonality_penalty(_one(256.0, jnp.float16))) == np.inf
+    assert float(jop.orthogonality_penalty_grad(_one(256.0, jnp.float16))[0, 0]) == 512.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG (jax_orthopenalty/_penalty.py, _forward): normalize=True forms C_jj = |phi_j|^2 "
+        "before dividing, so a finite column with |phi_j| >= 2^64 overflows to inf, 1/nu "
+        "becomes 0 and the cosines read 0 or NaN: a wrong value and a non-finite gradient "
+        "from finite input, although cosines are scale-invariant."
+    ),
+)
+def test_normalize_is_scale_invariant_up_to_float32_max() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 2, 3)).astype(np.float32)
+    want = float(jop.orthogonality_penalty(base, normalize=True))
+    huge = jnp.asarray(base * np.float32(1e19))
+    assert np.isfinite(np.asarray(huge)).all()
+    np.testing.assert_allclose(
+        float(jop.orthogonality_penalty(huge, normalize=True)), want, rtol=1e-5
+    )
+    assert np.isfinite(np.asarray(jop.orthogonality_penalty_grad(huge, normalize=True))).all()
+
+
+# --------------------------------------------------------------------------- n > l
+
+
+def _mercedes() -> np.ndarray:
+    # Three unit-norm-times-sqrt(2/3) vectors at 120 degrees: orthonormal rows.
+    t = 2 * np.pi * np.arange(3) / 3
+    return np.sqrt(2 / 3) * np.stack([np.cos(t), np.sin(t)])
+
+
+def test_more_columns_than_vectors_minimum_values() -> None:
+    """For l x n with n > l the minimum of both ||Phi^T Phi - I||_F^2 and the entrywise
+    L1 norm is n - l (docs/failure-modes.md has the proof). Squared: attained by any
+    Phi with orthonormal rows. L1: only where Phi^T Phi is a *diagonal* projection,
+    i.e. l orthonormal columns and n - l zero ones; a tight frame is not a minimiser."""
+    frame = _mercedes()  # 2 x 3, frame @ frame.T = I_2
+    np.testing.assert_allclose(frame @ frame.T, np.eye(2), atol=1e-12)
+    np.testing.assert_allclose(ref.penalty_and_grad(frame, norm="squared")[0], 1.0)
+    np.testing.assert_allclose(ref.penalty_and_grad(frame, norm="l1")[0], 3.0)  # > 1
+    drop = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    for norm in ("l1", "squared"):
+        np.testing.assert_allclose(ref.penalty_and_grad(drop, norm=norm)[0], 1.0)
+    # The library agrees, raises nothing, and both points are stationary for "squared".
+    for phi, norm, want in [(frame, "squared", 1.0), (frame, "l1", 3.0), (drop, "l1", 1.0)]:
+        p = jnp.asarray(phi, jnp.float32)
+        np.testing.assert_allclose(float(jop.orthogonality_penalty(p, norm=norm)), want, 1e-6)
+    g = jop.orthogonality_penalty_grad(jnp.asarray(frame, jnp.float32), norm="squared")
+    np.testing.assert_allclose(np.asarray(g), 0.0, atol=1e-6)
+    # off_diagonal: the angles alone can all be 0 (drop the extra columns): minimum 0.
+    assert float(jop.orthogonality_penalty(jnp.asarray(drop), off_diagonal=True)) == 0.0
+
+
+@pytest.mark.parametrize("norm", ["l1", "squared"])
+def test_more_columns_than_vectors_lower_bound(norm: str) -> None:
+    """n - l = 2 bounds (l, n) = (3, 5) groups from below: random ones of every scale,
+    and rotated, permuted, slightly perturbed minimisers, where the bound is tight."""
+    rng = np.random.default_rng(1)
+    groups = list(rng.normal(size=(100, 3, 5)) * rng.uniform(0.05, 2.0, size=(100, 1, 1)))
+    drop = np.eye(3, 5)  # 3 orthonormal columns, 2 zero ones
+    rows = np.linalg.qr(rng.normal(size=(5, 3)))[0].T  # orthonormal rows
+    base = drop if norm == "l1" else rows
+    for _ in range(100):
+        q = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+        perm = np.eye(5)[rng.permutation(5)]
+        groups.append(q @ base @ perm + 1e-3 * rng.normal(size=(3, 5)))
+    per_group = np.array([ref.penalty_and_grad(g, norm=norm)[0] for g in groups])
+    assert per_group.min() >= 2.0 - 1e-12
+    assert per_group[100:].min() < 2.0 + 0.05  # the bound is tight, not vacuous
+
+
+@pytest.mark.parametrize("norm", ["l1", "squared"])
+def test_more_columns_than_vectors_optimisation_reaches_n_minus_l(norm: str) -> None:
+    """Adam with a decaying step, from a random start, converges to n - l = 2 for
+    (l, n) = (3, 5) in every group, never below; for L1 to a diagonal projection."""
+    phi = 0.5 * jax.random.normal(jax.random.key(1), (3, 8, 5))
+    opt = optax.adam(optax.exponential_decay(0.05, 300, 0.1))
+
+    def loss(p: jax.Array) -> jax.Array:
+        return jop.orthogonality_penalty(p, norm=norm)
+
+    @jax.jit
+    def run(p: jax.Array) -> jax.Array:
+        def body(carry: Any, _: None) -> tuple[Any, None]:
+            p, s = carry
+            u, s = opt.update(jax.grad(loss)(p), s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        (p, _), _ = jax.lax.scan(body, (p, opt.init(p)), None, length=1200)
+        return p
+
+    p = np.asarray(run(phi), np.float64)
+    values = np.array([ref.penalty_and_grad(p[:, i, :], norm=norm)[0] for i in range(8)])
+    assert (values >= 2.0 - 1e-9).all()
+    np.testing.assert_allclose(values, 2.0, atol=2e-3)
+    if norm == "l1":
+        gram = np.einsum("aij,aik->ijk", p, p)
+        off = gram * (1 - np.eye(5))
+        np.testing.assert_allclose(off, 0.0, atol=2e-3)  # diagonal projection
+        np.testing.assert_allclose(
+            np.sort(np.diagonal(gram, axis1=1, axis2=2)),
+            np.tile([0, 0, 1, 1, 1], (8, 1)),
+            atol=2e-3,
+        )
+
+
+# --------------------------------------------------------------------------- zero column
+
+
+ZERO_COL = np.array([[1.0, 0.0, 0.6], [0.0, 0.0, 0.8], [0.0, 0.0, 0.0]])  # column 1 is 0
+
+
+@pytest.mark.parametrize(
+    ("norm", "subgradient", "value"),
+    [
+        ("l1", "zero", 2.2),  # |X_11| = |0 - 1| = 1, plus 2 * |cos(phi_0, phi_2)| = 1.2
+        ("squared", "zero", 1.72),  # 1 + 2 * 0.36
+        (jop.huber(0.5), "zero", 1.45),  # (1 - 0.25) + 2 * 0.36
+    ],
+    ids=["l1", "squared", "huber"],
+)
+def test_zero_column_normalize_value_and_zero_gradient(
+    norm: Any, subgradient: str, value: float
+) -> None:
+    """normalize divides by nu = sqrt(max(|phi_j|^2, 1e-12)) = 1e-6 for a zero column:
+    psi_j = 0, so X_jj = -1 and X_jk = 0. Finite value; the column's gradient is
+    exactly 0 (every term it gets is multiplied by f'(0) = 0)."""
+    phi = jnp.asarray(ZERO_COL, jnp.float32)
+    opts = {"norm": norm, "subgradient": subgradient, "normalize": True}
+    v, auto, closed = _value_and_grads(phi, **opts)
+    np.testing.assert_allclose(float(v), 0.5 * value, rtol=1e-6)
+    want_v, want_g = ref.penalty_and_grad(ZERO_COL, 0.5, **opts)
+    np.testing.assert_allclose(float(v), want_v, rtol=1e-6)
+    for g in (auto, closed):
+        assert np.isfinite(np.asarray(g)).all()
+        assert (np.asarray(g)[:, 1] == 0.0).all()
+        np.testing.assert_allclose(np.asarray(g), want_g, rtol=1e-5, atol=1e-6)
+    off = jop.orthogonality_penalty(phi, norm=norm, normalize=True, off_diagonal=True)
+    np.testing.assert_allclose(
+        float(off), value - float(ref.entrywise(norm, "zero")[0](-1.0)), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(("subgradient", "sign"), [("positive", 1.0), ("negative", -1.0)])
+def test_zero_column_normalize_one_sided_convention_is_huge(subgradient: str, sign: float) -> None:
+    """With sign(0) = +-1 the zero column receives sign * 2 beta / nu * sum_k psi_k
+    = +-2e6 * (1.6, 0.8, 0): finite, but a million times the usual scale."""
+    phi = jnp.asarray(ZERO_COL, jnp.float32)
+    opts = {"subgradient": subgradient, "normalize": True}
+    _, auto, closed = _value_and_grads(phi, **opts)
+    want = sign * 0.5 * 2e6 * np.array([1.6, 0.8, 0.0])
+    for g in (auto, closed):
+        np.testing.assert_allclose(np.asarray(g)[:, 1], want, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(closed), ref.penalty_and_grad(ZERO_COL, 0.5, **opts)[1], rtol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------- deadzone
+
+
+def test_deadzone_below_float32_resolution_acts_like_zero() -> None:
+    """deadzone(1e-30) in float32: X = C - I is either 0 or at least 2^-24 ~ 6e-8 on
+    the diagonal (the spacing of floats near 1), so on ordinary data nothing falls in
+    the band and the gradient is bitwise the "zero" convention's."""
+    rng = np.random.default_rng(2)
+    phi = jnp.asarray(rng.normal(size=(6, 16, 4)), jnp.float32)
+    ortho = jnp.asarray(np.stack([ref.signed_permutation(6, 4, rng) for _ in range(4)], 1))
+    for p in (phi, ortho, ortho * (1 + 2.0**-23)):
+        a = jop.orthogonality_penalty_grad(p, subgradient=jop.deadzone(1e-30))
+        b = jop.orthogonality_penalty_grad(p, subgradient="zero")
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_deadzone_below_resolution_catches_only_tiny_products() -> None:
+    """It differs from "zero" only on an entry that is itself <= 1e-30, which float32
+    can represent when it is a product of tiny numbers (here X_01 = 1e-31)."""
+    phi = jnp.array([[1.0, 1e-31], [0.0, 1.0]], jnp.float32)
+    zero = np.asarray(jop.orthogonality_penalty_grad(phi, subgradient="zero"))
+    dead = np.asarray(jop.orthogonality_penalty_grad(phi, subgradient=jop.deadzone(1e-30)))
+    np.testing.assert_allclose(zero, [[2e-31, 2.0], [2.0, 0.0]], rtol=1e-6)
+    np.testing.assert_array_equal(dead, np.zeros((2, 2)))
+
+
+def test_deadzone_band_in_float32_near_one() -> None:
+    """Near 1 float32 steps by 2^-23: a diagonal residual 2^-22 is caught by
+    deadzone(1e-6) and not by deadzone(1e-7)."""
+    phi = jnp.asarray(np.diag([1.0, 1.0]) * np.sqrt(1 + 2.0**-22), jnp.float32)
+    x = float(jop.orthogonality_penalty(phi)) / 2  # = |C_jj - 1| per column
+    assert x > 1e-7
+    assert (
+        float(jnp.abs(jop.orthogonality_penalty_grad(phi, subgradient=jop.deadzone(1e-6))).max())
+        == 0
+    )
+    assert (
+        float(jnp.abs(jop.orthogonality_penalty_grad(phi, subgradient=jop.deadzone(1e-7))).max())
+        > 0
+    )
+
+
+# --------------------------------------------------------------------------- complex
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, np.complex128])
+def test_complex_input_raises_clear_type_error(dtype: Any) -> None:
+    phi = np.ones((3, 2), dtype)
+    match = r"`phi` must be real floating point, got complex.*real representation"
+    for f in (jop.orthogonality_penalty, jop.orthogonality_penalty_grad):
+        with pytest.raises(TypeError, match=match):
+            f(phi)
+    with pytest.raises(TypeError, match=match):
+        jop.orthogonality_error(phi)
+    with pytest.raises(TypeError, match=match):
+        jax.jit(jop.orthogonality_penalty)(phi)
+
+
+# --------------------------------------------------------------------------- hygiene
+
+
+_CONSTANT_CONTAINERS = {"_NAMED_SUBGRADIENTS"}
+
+
+def _package_modules() -> list[types.ModuleType]:
+    names = ["jax_orthopenalty", "jax_orthopenalty._penalty", "jax_orthopenalty._rules"]
+    for extra in ("jax_orthopenalty._transform",):
+        try:
+            importlib.import_module(extra)
+        except ImportError:
+            continue
+        names.append(extra)
+    return [importlib.import_module(n) for n in names]
+
+
+def _mutable_globals() -> dict[str, Any]:
+    out = {}
+    for mod in _package_modules():
+        for name, obj in vars(mod).items():
+            if name.startswith("__") or isinstance(obj, types.ModuleType):
+                continue
+            if isinstance(obj, (dict, list, set, bytearray)):
+                out[f"{mod.__name__}.{name}"] = obj
+    return out
+
+
+def test_no_mutable_module_state() -> None:
+    """The only module-level containers are constant tables, and calls leave them
+    as they were (a cache or a registry here would show up)."""
+    found = _mutable_globals()
+    assert {k.rsplit(".", 1)[1] for k in found} <= _CONSTANT_CONTAINERS, sorted(found)
+    before = {k: repr(v) for k, v in found.items()}
+    phi = jnp.ones((3, 2, 2))
+    jop.orthogonality_penalty(phi, subgradient=jop.deadzone(0.1), normalize=True)
+    jax.grad(jop.orthogonality_penalty)(phi, 1.0, norm=jop.huber(0.2), double_sided=True)
+    assert {k: repr(v) for k, v in _mutable_globals().items()} == before
+
+
+def test_calls_with_different_options_do_not_interfere() -> None:
+    """Options in sequence and back again, eager and through one jit cache keyed on
+    the static options: every call matches the float64 reference for its own options."""
+    rng = np.random.default_rng(3)
+    phi = rng.normal(size=(4, 3, 3)).astype(np.float32)
+    cases: list[dict[str, Any]] = [
+        {},
+        {"norm": "squared"},
+        {"subgradient": jop.deadzone(0.5)},
+        {"norm": jop.huber(0.3), "normalize": True},
+        {"off_diagonal": True, "double_sided": True},
+        {"norm": jop.huber(0.7), "normalize": True},
+        {"subgradient": jop.deadzone(5.0)},
+        {},
+    ]
+    names = ("norm", "subgradient", "off_diagonal", "normalize", "double_sided")
+    jitted = jax.jit(jax.value_and_grad(jop.orthogonality_penalty), static_argnames=names)
+    for _ in range(2):
+        for opts in cases:
+            want_v, want_g = ref.penalty_and_grad(phi, 0.5, **opts)
+            eager = jax.value_and_grad(jop.orthogonality_penalty)(phi, 0.5, **opts)
+            for v, g in (eager, jitted(phi, 0.5, **opts)):
+                np.testing.assert_allclose(float(v), want_v, rtol=1e-5)
+                np.testing.assert_allclose(np.asarray(g), want_g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: "+".join(f) or "plain")
+def test_bitwise_deterministic(family: dict[str, bool]) -> None:
+    rng = np.random.default_rng(4)
+    phi = jnp.asarray(rng.normal(size=(16, 12, 8)), jnp.float32)
+
+    def both(p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        v, g = jax.value_and_grad(lambda q: jop.orthogonality_penalty(q, 0.3, **family))(p)
+        return v, g, jop.orthogonality_penalty_grad(p, 0.3, **family)
+
+    jitted = jax.jit(both)
+    runs = [both(phi), both(phi), jitted(phi), jitted(phi), jax.jit(both)(phi)]
+    for first, second in ((runs[0], runs[1]), (runs[2], runs[3]), (runs[2], runs[4])):
+        for a, b in zip(first, second, strict=True):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()

@@ -10,15 +10,23 @@ from ._rules import Norm as Norm
 from ._rules import Subgradient as Subgradient
 from ._rules import deadzone as deadzone
 from ._rules import huber as huber
+from ._transform import AddOrthogonalityPenaltyState as AddOrthogonalityPenaltyState
+from ._transform import OrthoDims as OrthoDims
+from ._transform import add_orthogonality_penalty as add_orthogonality_penalty
+from ._transform import tree_orthogonality_penalty as tree_orthogonality_penalty
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AddOrthogonalityPenaltyState",
     "Norm",
+    "OrthoDims",
     "Subgradient",
+    "add_orthogonality_penalty",
     "deadzone",
     "huber",
     "orthogonality_error",
     "orthogonality_penalty",
     "orthogonality_penalty_grad",
+    "tree_orthogonality_penalty",
 ]

@@ -1,0 +1,501 @@
+r"""The optax transform, and the same penalty summed over a pytree for a loss.
+
+:func:`add_orthogonality_penalty` is to the orthogonality penalty what
+``optax.add_decayed_weights`` is to weight decay: a ``GradientTransformation`` that
+adds :math:`\partial L / \partial \Phi` to the incoming updates, for every selected
+leaf :math:`\Phi` of the parameters,
+
+.. math::
+
+    u_\Phi \leftarrow u_\Phi + \beta_t\, \Phi_i \bigl(F_i + F_i^\top\bigr)
+    \quad\text{for every group } i, \qquad
+    F_i = f'\bigl(\Phi_i^\top \Phi_i - I\bigr),
+
+with the closed-form gradient of :func:`orthogonality_penalty_grad` (no autodiff of
+the penalty). :func:`tree_orthogonality_penalty` is the matching scalar,
+:math:`\sum_\Phi L_\beta(\Phi)`, for adding to a loss instead. Both choose their
+leaves in one place (``_select``): ``mask`` first, through ``optax.masked``, then
+``dimension_numbers``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, TypeAlias, cast
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from ._penalty import (
+    DEFAULT_PRECISION,
+    check_beta,
+    orthogonality_penalty,
+    orthogonality_penalty_grad,
+)
+from ._rules import Norm, Subgradient
+
+__all__ = [
+    "AddOrthogonalityPenaltyState",
+    "DimensionNumbers",
+    "OrthoDims",
+    "add_orthogonality_penalty",
+    "tree_orthogonality_penalty",
+]
+
+
+class OrthoDims(NamedTuple):
+    r"""The layout of one parameter leaf: which axes are vectors and which columns.
+
+    The fields are the ``vector_axis`` and ``column_axis`` of
+    :func:`orthogonality_penalty`: the vectors (one axis, or several flattened
+    together) are contracted in the Gram matrix, the column axis indexes the
+    :math:`n` vectors that should be orthonormal, and every other axis is a group
+    axis. Give one per leaf in ``dimension_numbers``, or ``None`` to skip a leaf,
+    as ``optax.contrib.muon`` takes ``MuonDimensionNumbers``.
+
+    Common layouts (the columns are the output units, so the output size must not
+    exceed the vector size for the penalty to reach 0):
+
+    * ``(l, m, n)``, m groups of ``l x n``: ``OrthoDims()``, the default.
+    * flax ``Dense`` kernel ``(in, out)``: ``OrthoDims()``.
+    * conv kernel HWIO ``(h, w, in, out)``:
+      ``OrthoDims(vector_axis=(0, 1, 2), column_axis=3)``.
+    * equinox ``Linear`` weight ``(out, in)``: ``OrthoDims(vector_axis=1, column_axis=0)``.
+    * kernels stacked by ``nn.scan``/``jax.lax.scan``, ``(layers, in, out)``:
+      ``OrthoDims(vector_axis=1, column_axis=2)``; the layer axis is a group axis.
+      (The default layout would take the layer axis for the vectors.)
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_orthopenalty as jop
+      >>> kernels = jnp.stack([jnp.eye(3, 2), 2 * jnp.eye(3, 2)])   # (layers, in, out)
+      >>> dims = jop.OrthoDims(vector_axis=1, column_axis=2)
+      >>> jop.orthogonality_error(kernels, vector_axis=dims.vector_axis,
+      ...                         column_axis=dims.column_axis)      # one per layer
+      Array([0., 3.], dtype=float32)
+    """
+
+    vector_axis: int | tuple[int, ...] = 0
+    column_axis: int = -1
+
+
+class AddOrthogonalityPenaltyState(NamedTuple):
+    """The state of :func:`add_orthogonality_penalty`: the step count for ``beta``."""
+
+    # shape (), int32. The name shadows tuple.count, as in optax's states.
+    count: jax.Array  # type: ignore[assignment]
+
+
+DimensionNumbers: TypeAlias = Any
+"""``None``, a pytree of :class:`OrthoDims` or ``None`` (the structure of the params
+or a prefix of it), or a callable from the params to such a pytree."""
+
+MaskOrFn: TypeAlias = Any
+"""``None``, a pytree of bools (the structure of the params or a prefix of it), or a
+callable from the params to such a pytree: as ``optax.masked``."""
+
+_NO_PARAMS_MSG = (
+    "add_orthogonality_penalty needs the current parameters: call "
+    "`update(updates, state, params)` with `params`, not `params=None`."
+)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _is_hole(x: object) -> bool:
+    """A place in the params with nothing to penalise: a masked-out or None leaf."""
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _is_dims_leaf(x: object) -> bool:
+    return x is None or isinstance(x, OrthoDims)
+
+
+def _is_prefix(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return b[: len(a)] == a
+
+
+def _unreachable_update(*_: Any, **__: Any) -> Any:
+    raise AssertionError("only the init of optax.masked is used to build the masked view")
+
+
+def _masked_view(params: Any, mask: MaskOrFn) -> Any:
+    """``params`` with every leaf that ``mask`` leaves out replaced by ``optax.MaskedNode``.
+
+    ``optax.masked`` hands its inner ``init`` exactly this view, so it is taken from
+    there: :func:`tree_orthogonality_penalty` masks as ``optax.masked`` does inside
+    :func:`add_orthogonality_penalty`, with no second copy of the rules (prefix
+    masks, callable masks).
+    """
+    if mask is None:
+        return params
+    capture = optax.GradientTransformation(lambda view: view, _unreachable_update)
+    return cast(optax.MaskedState, optax.masked(capture, mask).init(params)).inner_state
+
+
+def _check_mask(mask: MaskOrFn) -> None:
+    if mask is None or callable(mask):
+        return
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)):
+        raise ValueError(
+            "`mask` must be a pytree of bools with the structure of the params (or a "
+            "prefix of it), or a callable returning one; got the single value "
+            f"{mask!r}. This is what optax.inject_hyperparams passes when it takes a "
+            "callable mask for a schedule: list it in static_args, "
+            "optax.inject_hyperparams(jop.add_orthogonality_penalty, "
+            'static_args=("mask", "dimension_numbers"))(beta=..., mask=fn).'
+        )
+
+
+def _select(
+    params: Any, dimension_numbers: DimensionNumbers
+) -> tuple[jax.tree_util.PyTreeDef, list[Any], list[OrthoDims | None]]:
+    """Decides which leaves are penalised, and with which layout.
+
+    The single leaf-selection rule of the package. ``params`` may hold
+    ``optax.MaskedNode`` (from ``mask``) and ``None`` leaves; both are skipped.
+
+    Returns:
+      The structure of ``params`` with those holes as leaves, its leaves, and per
+      leaf an :class:`OrthoDims` or ``None`` (skip).
+    """
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_hole)
+    leaves = [x for _, x in path_leaves]
+    if dimension_numbers is None:
+        # The default: every array of rank >= 2, in the default layout.
+        default = [None if _is_hole(x) or jnp.ndim(x) < 2 else OrthoDims() for x in leaves]
+        return treedef, leaves, default
+    dims = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
+    return treedef, leaves, _match(path_leaves, dims)
+
+
+def _match(path_leaves: list[tuple[Any, Any]], dims: Any) -> list[OrthoDims | None]:
+    """Gives each leaf the entry of ``dims`` at its path or at a prefix of it."""
+    entries = jax.tree_util.tree_flatten_with_path(dims, is_leaf=_is_dims_leaf)[0]
+    by_path: dict[tuple[Any, ...], OrthoDims | None] = {}
+    for path, entry in entries:
+        if not _is_dims_leaf(entry):
+            raise TypeError(
+                "`dimension_numbers` must give an OrthoDims or None for every leaf, got "
+                f"{entry!r} at {jax.tree_util.keystr(path) or 'the root'}."
+            )
+        by_path[path] = entry
+    holes = [path for path, x in path_leaves if _is_hole(x)]
+    used: set[tuple[Any, ...]] = set()
+    out: list[OrthoDims | None] = []
+    for path, x in path_leaves:
+        if _is_hole(x):
+            out.append(None)
+            continue
+        found = [path[:k] for k in range(len(path) + 1) if path[:k] in by_path]
+        if not found:
+            raise ValueError(
+                "`dimension_numbers` does not match the params: it has no OrthoDims or "
+                f"None for the leaf at {jax.tree_util.keystr(path) or 'the root'}. It must "
+                "have the structure of the params, or be a prefix of it."
+            )
+        used.add(found[0])
+        out.append(by_path[found[0]])
+    for path in by_path.keys() - used:
+        # An entry for a masked-out (or None) part of the params is fine.
+        if not any(_is_prefix(h, path) or _is_prefix(path, h) for h in holes):
+            raise ValueError(
+                "`dimension_numbers` does not match the params: its entry at "
+                f"{jax.tree_util.keystr(path) or 'the root'} is not a leaf or subtree "
+                "of the params."
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- public
+
+
+def add_orthogonality_penalty(
+    beta: optax.ScalarOrSchedule,
+    *,
+    mask: MaskOrFn = None,
+    dimension_numbers: DimensionNumbers = None,
+    norm: Norm = "l1",
+    subgradient: Subgradient = "zero",
+    precision: Any = DEFAULT_PRECISION,
+    off_diagonal: bool = False,
+    normalize: bool = False,
+    double_sided: bool = False,
+) -> optax.GradientTransformation:
+    r"""Adds the gradient of the orthogonality penalty to the updates.
+
+    For every selected leaf :math:`\Phi` of the params, with groups
+    :math:`\Phi_i` (see :class:`OrthoDims`),
+
+    .. math::
+
+        u_\Phi \leftarrow u_\Phi + \frac{\partial L_{\beta_t}}{\partial \Phi},
+        \qquad
+        L_\beta(\Phi) = \beta \sum_i \sum_{jk} f\bigl(\Phi_i^\top\Phi_i - I\bigr)_{jk},
+        \qquad
+        \frac{\partial L_\beta}{\partial \Phi_i} = \beta\, \Phi_i \bigl(F_i + F_i^\top\bigr),
+
+    computed in closed form by :func:`orthogonality_penalty_grad` (one Gram matrix
+    and one matmul per group, no autodiff of the penalty), with
+    :math:`\beta_t` = ``beta(count)`` for a schedule. Leaves that are not selected
+    pass through untouched. It is modelled on ``optax.add_decayed_weights``.
+
+    **Coupled or decoupled.** Where it sits in the chain decides what the penalty
+    means:
+
+    * Before ``scale_by_adam`` (``optax.chain(add_orthogonality_penalty(beta),
+      optax.adam(lr))``) it is *coupled*, L2-style: exactly the same as adding
+      :func:`tree_orthogonality_penalty` to the loss. Adam then normalises the
+      penalty's gradient together with the task's, so its strength is relative to
+      the task gradient's scale per entry.
+    * After ``scale_by_adam`` (``optax.chain(optax.scale_by_adam(),
+      add_orthogonality_penalty(beta), optax.scale_by_learning_rate(lr))``) it is
+      *decoupled*, AdamW-style: the step is :math:`-\eta\,(\text{adam direction} +
+      \partial L_\beta / \partial \Phi)`, so the penalty pulls with strength
+      :math:`\eta\beta` whatever the task gradient's scale.
+
+    **With optax.inject_hyperparams.** ``beta`` can be injected (and then changed
+    in ``state.hyperparams["beta"]``). ``inject_hyperparams`` takes every callable
+    argument for a schedule, so a callable ``mask`` or ``dimension_numbers`` (or a
+    callable ``subgradient``, such as :func:`deadzone`) must be named in
+    ``static_args``::
+
+        optax.inject_hyperparams(
+            jop.add_orthogonality_penalty, static_args=("mask", "dimension_numbers")
+        )(beta=1e-3, mask=fn)
+
+    Without it, the mask would be ``fn(count)`` (a single bool, which raises here)
+    and ``dimension_numbers`` would be ``fn(count)``: usually ``None``, the default
+    selection, silently.
+
+    Args:
+      beta: the strength :math:`\beta`: a float, a scalar array, or an optax
+        schedule (a function of the step count, kept in the state).
+      mask: which leaves to penalise, as ``optax.masked`` takes it: a pytree of
+        bools with the structure of the params, a prefix of it (a bool for a whole
+        subtree), or a callable from the params to one. ``True`` means penalise.
+      dimension_numbers: the layout of each leaf. ``None`` (default): every leaf of
+        rank >= 2, in the default layout ``OrthoDims()`` (vectors on axis 0, columns
+        on the last axis: right for flax ``Dense`` kernels and ``(l, m, n)``
+        tensors, not for conv kernels, equinox ``(out, in)`` weights or
+        scan-stacked kernels; see :class:`OrthoDims`); lower-rank leaves (biases,
+        scales) are skipped. Otherwise a pytree with the structure of the params,
+        or a prefix of it, of :class:`OrthoDims` (penalise with that layout) or
+        ``None`` (skip), or a callable from the params to one, like
+        ``muon_weight_dimension_numbers`` in ``optax.contrib.muon``. A callable
+        receives the params with ``optax.MaskedNode`` in place of the leaves that
+        ``mask`` leaves out. An :class:`OrthoDims` that does not fit its leaf
+        raises :func:`orthogonality_penalty`'s ``ValueError`` when the update is
+        traced.
+      norm: the entrywise norm, ``"l1"``, ``"squared"`` or :func:`huber`.
+      subgradient: the kink convention of ``"l1"`` (see
+        :func:`orthogonality_penalty`); static.
+      precision: the matmul precision, ``HIGHEST`` by default.
+      off_diagonal: leave the diagonal of :math:`\Phi_i^\top\Phi_i - I` out.
+      normalize: penalise the cosines of unit-norm columns.
+      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term.
+
+    Returns:
+      An ``optax.GradientTransformation``, wrapped in ``optax.masked`` when ``mask``
+      is given. Its state is :class:`AddOrthogonalityPenaltyState` (inside
+      ``optax.MaskedState`` with a mask). ``update`` needs ``params``; it returns the
+      updates in their own dtypes (bfloat16 stays bfloat16).
+
+    Raises:
+      ValueError, TypeError: at construction, for an unknown ``norm`` or
+        ``subgradient``, options of the wrong type, a non-scalar ``beta`` or a mask
+        that is a single value; at ``update``, for ``params=None``, a
+        ``dimension_numbers`` that does not match the params, or a layout that does
+        not fit its leaf.
+
+    Examples:
+      Coupled, L2-style: the same updates as Adam on the loss plus the penalty.
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import jax_orthopenalty as jop
+      >>> params = {"w": jnp.array([[1.0, 0.5], [0.0, 1.0]]), "b": jnp.ones(2)}
+      >>> task = lambda p: jnp.sum(p["w"]) + jnp.sum(p["b"] ** 2)
+      >>> coupled = optax.chain(jop.add_orthogonality_penalty(0.1), optax.adam(1e-2))
+      >>> u, _ = coupled.update(jax.grad(task)(params), coupled.init(params), params)
+      >>> total = lambda p: task(p) + jop.tree_orthogonality_penalty(p, 0.1)
+      >>> adam = optax.adam(1e-2)
+      >>> v, _ = adam.update(jax.grad(total)(params), adam.init(params), params)
+      >>> jax.tree.all(jax.tree.map(jnp.allclose, u, v))
+      True
+
+      Decoupled, AdamW-style: the penalty's gradient skips Adam's scaling.
+
+      >>> decoupled = optax.chain(
+      ...     optax.scale_by_adam(),
+      ...     jop.add_orthogonality_penalty(0.1),
+      ...     optax.scale_by_learning_rate(1e-2),
+      ... )
+      >>> u, _ = decoupled.update(jax.grad(task)(params), decoupled.init(params), params)
+      >>> scale = optax.scale_by_adam()
+      >>> d, _ = scale.update(jax.grad(task)(params), scale.init(params))
+      >>> pull = jop.orthogonality_penalty_grad(params["w"], 0.1)
+      >>> bool(jnp.allclose(u["w"], -1e-2 * (d["w"] + pull)))
+      True
+      >>> bool(jnp.allclose(u["b"], -1e-2 * d["b"]))          # rank 1: skipped
+      True
+
+      Layouts and a mask: an equinox-style ``(out, in)`` weight, and a mask that
+      leaves one matrix out.
+
+      >>> params = {"enc": jnp.eye(3, 2).T, "dec": 2 * jnp.eye(2)}   # (out, in) each
+      >>> tx = jop.add_orthogonality_penalty(
+      ...     1.0,
+      ...     dimension_numbers=jop.OrthoDims(vector_axis=1, column_axis=0),
+      ...     mask={"enc": True, "dec": False},
+      ... )
+      >>> zeros = jax.tree.map(jnp.zeros_like, params)
+      >>> u, _ = tx.update(zeros, tx.init(params), params)
+      >>> u["enc"]                        # rows of (out, in) orthonormal: no pull
+      Array([[0., 0., 0.],
+             [0., 0., 0.]], dtype=float32)
+      >>> u["dec"]                        # masked out: untouched
+      Array([[0., 0.],
+             [0., 0.]], dtype=float32)
+
+      With ``optax.inject_hyperparams`` and a callable mask:
+
+      >>> fn = lambda p: {"enc": False, "dec": True}
+      >>> tx = optax.inject_hyperparams(
+      ...     jop.add_orthogonality_penalty, static_args=("mask", "dimension_numbers")
+      ... )(beta=0.5, mask=fn)
+      >>> state = tx.init(params)
+      >>> state.hyperparams["beta"] = jnp.array(1.0)       # changes the next update
+      >>> u, _ = tx.update(zeros, state, params)
+      >>> u["dec"]                        # 2 * beta * dec @ sign(dec^T dec - I), beta = 1
+      Array([[4., 0.],
+             [0., 4.]], dtype=float32)
+    """
+    _check_mask(mask)
+    options: dict[str, Any] = dict(
+        norm=norm,
+        subgradient=subgradient,
+        precision=precision,
+        off_diagonal=off_diagonal,
+        normalize=normalize,
+        double_sided=double_sided,
+    )
+    # Trace the core once on a small probe, so that bad options raise here and
+    # with the core's own messages, not at the first update.
+    probe = jax.ShapeDtypeStruct((2, 2), jnp.float32)  # type: ignore[no-untyped-call]
+    jax.eval_shape(functools.partial(orthogonality_penalty_grad, **options), probe)
+    if not callable(beta):
+        check_beta(beta, jnp.dtype(jnp.float32))
+
+    def init_fn(params: Any) -> AddOrthogonalityPenaltyState:
+        del params
+        return AddOrthogonalityPenaltyState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, AddOrthogonalityPenaltyState]:
+        if params is None:
+            raise ValueError(_NO_PARAMS_MSG)
+        count = cast(AddOrthogonalityPenaltyState, state).count
+        new_state = AddOrthogonalityPenaltyState(count=jnp.asarray(optax.safe_increment(count)))
+        if isinstance(beta, (int, float)) and beta == 0:
+            return updates, new_state
+        strength = beta(count) if callable(beta) else beta
+        treedef, phis, layouts = _select(params, dimension_numbers)
+        out = [
+            u
+            if dims is None or u is None
+            else u
+            + orthogonality_penalty_grad(
+                phi,
+                strength,
+                vector_axis=dims.vector_axis,
+                column_axis=dims.column_axis,
+                **options,
+            ).astype(u.dtype)
+            for u, phi, dims in zip(treedef.flatten_up_to(updates), phis, layouts, strict=True)
+        ]
+        return treedef.unflatten(out), new_state
+
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return tx if mask is None else optax.masked(tx, mask)
+
+
+def tree_orthogonality_penalty(
+    params: Any,
+    beta: ArrayLike,
+    *,
+    mask: MaskOrFn = None,
+    dimension_numbers: DimensionNumbers = None,
+    norm: Norm = "l1",
+    subgradient: Subgradient = "zero",
+    precision: Any = DEFAULT_PRECISION,
+    off_diagonal: bool = False,
+    normalize: bool = False,
+    double_sided: bool = False,
+) -> jax.Array:
+    r"""The orthogonality penalty summed over the selected leaves of a pytree.
+
+    .. math::
+
+        \sum_{\Phi \text{ selected}} \beta \sum_i \sum_{jk}
+        f\bigl(\Phi_i^\top\Phi_i - I\bigr)_{jk}
+
+    For adding to a loss. The leaves and layouts are chosen exactly as
+    :func:`add_orthogonality_penalty` chooses them (same ``mask`` and
+    ``dimension_numbers`` rules, same code), and each term is
+    :func:`orthogonality_penalty`, so ``jax.grad`` of it uses the closed-form
+    backward pass and equals what the transform adds to the updates (with a
+    callable ``mask``, the transform calls it on the updates and this function on
+    the params: a mask that depends only on structure and shapes selects the same).
+
+    Args:
+      params: a pytree of parameters.
+      beta: the strength, a float or a scalar array (may be traced; its gradient
+        is the unscaled sum).
+      mask: as in :func:`add_orthogonality_penalty`.
+      dimension_numbers: as in :func:`add_orthogonality_penalty`.
+      norm: ``"l1"``, ``"squared"`` or :func:`huber`.
+      subgradient: the kink convention of ``"l1"``.
+      precision: the matmul precision, ``HIGHEST`` by default.
+      off_diagonal: leave the diagonal out.
+      normalize: penalise the cosines of unit-norm columns.
+      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term.
+
+    Returns:
+      A scalar: the sum of the leaves' penalties, in their promoted dtype; a
+      float32 zero when no leaf is selected.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_orthopenalty as jop
+      >>> params = {"w": 2 * jnp.eye(2), "b": jnp.ones(2), "k": jnp.eye(2)}
+      >>> jop.tree_orthogonality_penalty(params, 0.5)    # w: 0.5 * 2 * |4 - 1|; b skipped
+      Array(3., dtype=float32)
+      >>> jop.tree_orthogonality_penalty(params, 0.5, mask={"w": False, "b": True, "k": True})
+      Array(0., dtype=float32)
+    """
+    _check_mask(mask)
+    treedef, phis, layouts = _select(_masked_view(params, mask), dimension_numbers)
+    del treedef
+    terms = [
+        orthogonality_penalty(
+            phi,
+            beta,
+            vector_axis=dims.vector_axis,
+            column_axis=dims.column_axis,
+            norm=norm,
+            subgradient=subgradient,
+            precision=precision,
+            off_diagonal=off_diagonal,
+            normalize=normalize,
+            double_sided=double_sided,
+        )
+        for phi, dims in zip(phis, layouts, strict=True)
+        if dims is not None
+    ]
+    if not terms:
+        return jnp.zeros((), jnp.float32)
+    return functools.reduce(jnp.add, terms)

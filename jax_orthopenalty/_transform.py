@@ -114,6 +114,13 @@ def _is_dims_leaf(x: object) -> bool:
     return x is None or isinstance(x, OrthoDims)
 
 
+def _is_default_target(x: object) -> bool:
+    """Penalised by ``dimension_numbers=None``: a floating array of rank >= 2."""
+    if _is_hole(x) or jnp.ndim(x) < 2:
+        return False
+    return bool(jnp.issubdtype(jnp.result_type(x), jnp.floating))
+
+
 def _is_prefix(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return b[: len(a)] == a
 
@@ -165,8 +172,8 @@ def _select(
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_hole)
     leaves = [x for _, x in path_leaves]
     if dimension_numbers is None:
-        # The default: every array of rank >= 2, in the default layout.
-        default = [None if _is_hole(x) or jnp.ndim(x) < 2 else OrthoDims() for x in leaves]
+        # The default: every floating-point array of rank >= 2, in the default layout.
+        default = [OrthoDims() if _is_default_target(x) else None for x in leaves]
         return treedef, leaves, default
     dims = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
     return treedef, leaves, _match(path_leaves, dims)
@@ -278,11 +285,11 @@ def add_orthogonality_penalty(
         bools with the structure of the params, a prefix of it (a bool for a whole
         subtree), or a callable from the params to one. ``True`` means penalise.
       dimension_numbers: the layout of each leaf. ``None`` (default): every leaf of
-        rank >= 2, in the default layout ``OrthoDims()`` (vectors on axis 0, columns
+        rank >= 2 with a floating dtype, in the default layout ``OrthoDims()`` (vectors on axis 0, columns
         on the last axis: right for flax ``Dense`` kernels and ``(l, m, n)``
         tensors, not for conv kernels, equinox ``(out, in)`` weights or
         scan-stacked kernels; see :class:`OrthoDims`); lower-rank leaves (biases,
-        scales) are skipped. Otherwise a pytree with the structure of the params,
+        scales) and integer or boolean leaves (counters, masks) are skipped. Otherwise a pytree with the structure of the params,
         or a prefix of it, of :class:`OrthoDims` (penalise with that layout) or
         ``None`` (skip), or a callable from the params to one, like
         ``muon_weight_dimension_numbers`` in ``optax.contrib.muon``. A callable

@@ -697,3 +697,14 @@ def test_none_leaves_are_skipped() -> None:
     )
     assert new["act"] is None
     np.testing.assert_allclose(new["w"], _ref_grad(params["w"], 0.5), rtol=1e-6)
+
+
+def test_default_selection_skips_integer_and_boolean_matrices() -> None:
+    # Counters or masks of rank 2 that sit in a params tree are not weights.
+    params = {"w": jnp.eye(3) * 2, "idx": jnp.ones((3, 3), jnp.int32), "m": jnp.ones((2, 2), bool)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    new = _update(jop.add_orthogonality_penalty(0.5), zeros, params)
+    np.testing.assert_allclose(new["w"], _ref_grad(params["w"], 0.5), rtol=1e-6)
+    np.testing.assert_array_equal(new["idx"], zeros["idx"])
+    np.testing.assert_array_equal(new["m"], zeros["m"])
+    assert float(jop.tree_orthogonality_penalty(params, 0.5)) == 0.5 * 3 * 3

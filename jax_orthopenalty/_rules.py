@@ -213,7 +213,8 @@ def _subgradient_fn(subgradient: Subgradient) -> Callable[[jax.Array], jax.Array
     if isinstance(subgradient, jax.Array):
         raise TypeError(
             "`subgradient` must be static (a name, deadzone(tol) or a Python callable), "
-            "not an array."
+            "not an array. Under optax.inject_hyperparams, name it in static_args: "
+            'static_args=("subgradient",).'
         )
     if callable(subgradient):
         return subgradient

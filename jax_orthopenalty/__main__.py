@@ -266,20 +266,6 @@ def check_gradient(shape: tuple[int, int, int], beta: float, seed: int) -> dict[
 # --------------------------------------------------------------------------- 2. training
 
 
-def _tmp_add_penalty(beta: float, *, mask: Any, **options: Any) -> Any:  # TEMPORARY
-    def init_fn(params: Any) -> Any:
-        return optax.EmptyState()
-
-    def update_fn(updates: Any, state: Any, params: Any) -> Any:
-        g = jop.orthogonality_penalty_grad(params["phi"], beta, **options)
-        return {**updates, "phi": updates["phi"] + g}, state
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-_add_penalty = getattr(jop, "add_orthogonality_penalty", _tmp_add_penalty)
-
-
 @dataclass(frozen=True)
 class Convention:
     """One way of treating the kink: a label and the penalty's keyword options."""
@@ -348,7 +334,7 @@ def make_optimizer(
     # Coupled: the penalty's gradient is added before Adam rescales the updates, as
     # optax.add_decayed_weights before scale_by_adam is L2 regularisation. The mask
     # keeps the encoder out: only the decoder bases Phi should be orthonormal.
-    penalty = _add_penalty(beta, mask={"phi": True, "enc": False}, **conv.options)
+    penalty = jop.add_orthogonality_penalty(beta, mask={"phi": True, "enc": False}, **conv.options)
     return optax.chain(penalty, adam)
 
 

@@ -1,0 +1,268 @@
+r"""The two contractions of the penalty, each in the formulation that is fastest for its shape.
+
+Everything the penalty and its closed-form gradient compute that is not :math:`O(mn^2)`
+is one of two contractions over the groups :math:`\Phi_i` (:math:`l \times n`):
+
+* :func:`gram`: :math:`C_i = \Phi_i^\top \Phi_i`, shaped ``(groups..., n, n)``;
+* :func:`apply`: :math:`\Phi_i M_i`, shaped like ``phi``.
+
+Both are written once as an ``einsum`` over the layout's subscripts (the definition,
+and the fallback). How XLA lowers that einsum depends a lot on the shape: a group axis
+in the middle of ``phi`` (the default ``(l, m, n)`` layout) makes it a batched dot with
+its batch dimension in the middle, and tiny groups (:math:`n \le 8`) make it thousands
+of tiny matmuls, each far below the cost of the call. So the formulation is chosen
+statically, from the shapes, at trace time:
+
+``"batched"``
+  Transpose ``phi`` once to ``(groups, vectors, n)`` (a no-op when it is already in
+  that order, for example a 2-D ``phi`` or ``m = 1``) and do one batch-first
+  ``dot_general``. Exactly the einsum's dot, with its ``precision`` and
+  ``preferred_element_type``; only the operand order differs. The default.
+
+``"unrolled"``
+  Tiny groups, at full precision. The Gram matrix is a sum of :math:`l` outer
+  products :math:`\sum_a \phi_a \phi_a^\top` of the rows :math:`\phi_a` of every group,
+  unrolled over the :math:`l` rows; the product :math:`\Phi_i M_i` is a sum of
+  :math:`n` broadcast products, column :math:`d` of :math:`\Phi_i` times row :math:`d`
+  of :math:`M_i`, unrolled over the :math:`n` columns. XLA fuses each into one
+  elementwise loop that reads ``phi`` once, vectorised across the groups, instead of
+  a batch of :math:`4 \times 4` matmuls. Products and sums are in the accumulation
+  dtype (float32 for bfloat16/float16), as ``preferred_element_type`` asks of the dot;
+  used only where the einsum would run at full precision too (``HIGHEST``, or float32
+  and float64 on CPU, where XLA ignores ``precision``), so the arithmetic is the same
+  and only the summation order differs.
+
+``"einsum"``
+  The definition itself, for empty arrays.
+
+The thresholds below were measured on a 2-core Sapphire Rapids CPU with
+``benchmarks/bench_grad.py`` (see ``docs/performance.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+if TYPE_CHECKING:
+    from ._penalty import Layout
+
+__all__ = ["Formulation", "apply", "choose", "gram"]
+
+Formulation = Literal["einsum", "batched", "unrolled"]
+
+UNROLL_MAX_COLUMNS = 8
+"""The product is unrolled (over the columns) for groups of at most this many columns."""
+
+UNROLL_GRAM = ((8, 128), (16, 32))
+"""The Gram matrix is unrolled (over the rows) for ``n <= 8, l <= 128`` or ``n <= 16, l <= 32``."""
+
+
+def _sizes(layout: Layout, shape: Sequence[int]) -> tuple[int, int, int]:
+    """(m, l, n): the number of groups, the vector length and the columns per group."""
+    m = math.prod(shape[a] for a in layout.group_axes)
+    l = math.prod(shape[a] for a in layout.vector_axes)
+    return m, l, shape[layout.column_axis]
+
+
+def _full_precision(precision: Any) -> bool:
+    """Whether ``precision`` asks the dot for full float32 (or better) arithmetic."""
+    if isinstance(precision, (tuple, list)):
+        return all(_full_precision(p) for p in precision)
+    try:
+        return lax.Precision(precision) == lax.Precision.HIGHEST
+    except (ValueError, TypeError):
+        return False
+
+
+def choose(
+    layout: Layout,
+    shape: Sequence[int],
+    dtype: Any,
+    precision: Any,
+    which: Literal["gram", "apply"],
+) -> Formulation:
+    """The formulation of one contraction, from static shapes, dtype and precision.
+
+    Args:
+      layout: the layout of ``phi``.
+      shape: ``phi``'s shape.
+      dtype: the dtype the contraction computes in (the accumulation dtype).
+      precision: the requested matmul precision.
+      which: ``"gram"`` or ``"apply"``.
+
+    Returns:
+      ``"einsum"``, ``"batched"`` or ``"unrolled"``.
+    """
+    m, l, n = _sizes(layout, shape)
+    if m * l * n == 0:
+        return "einsum"
+    # The unrolled forms compute every product and sum at the accumulation dtype's
+    # full precision. That is what the dot does at HIGHEST; lower precisions ask for
+    # the hardware's fast matmul modes, which only the dot can give.
+    full = _full_precision(precision) or (
+        jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize >= 4
+    )
+    if full and which == "apply" and n <= UNROLL_MAX_COLUMNS:
+        return "unrolled"
+    if full and which == "gram" and any(n <= nc and l <= lr for nc, lr in UNROLL_GRAM):
+        return "unrolled"
+    return "batched"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _batch_first_perm(layout: Layout) -> tuple[int, ...]:
+    return (*layout.group_axes, *layout.vector_axes, layout.column_axis)
+
+
+def _batch_first(layout: Layout, x: jax.Array) -> jax.Array:
+    """``x`` as ``(m, l, n)``: groups, then the flattened vectors, then the columns."""
+    m, l, n = _sizes(layout, x.shape)
+    return jnp.transpose(x, _batch_first_perm(layout)).reshape(m, l, n)
+
+
+def _from_batch_first(layout: Layout, y: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """The inverse of :func:`_batch_first`: ``(m, l, n)`` back to ``shape``."""
+    perm = _batch_first_perm(layout)
+    y = y.reshape(tuple(shape[a] for a in perm))
+    return jnp.transpose(y, tuple(int(a) for a in np.argsort(perm)))
+
+
+def _group_shape(layout: Layout, shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(shape[a] for a in layout.group_axes)
+
+
+def _on_columns(layout: Layout, rows: jax.Array) -> jax.Array:
+    """A ``(groups..., n)`` array in ``phi``'s axis order, size 1 on the vector axes."""
+    order = (*layout.group_axes, layout.column_axis)
+    perm = sorted(range(len(order)), key=order.__getitem__)
+    return jnp.expand_dims(jnp.transpose(rows, perm), layout.vector_axes)
+
+
+# --------------------------------------------------------------------------- gram
+
+
+def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Array:
+    r"""The Gram matrices :math:`\Phi_i^\top\Phi_i`, ``(groups..., n, n)``, in ``acc``.
+
+    Equal to ``jnp.einsum(layout.gram_subscripts, phi, phi, precision=precision,
+    preferred_element_type=acc)`` up to the order of summation.
+    """
+    how = "einsum" if phi.size == 0 else choose(layout, phi.shape, acc, precision, "gram")
+    if how == "unrolled":
+        return _gram_unrolled(layout, phi, acc)
+    if how == "batched":
+        return _gram_batched(layout, phi, precision, acc)
+    return jnp.einsum(
+        layout.gram_subscripts, phi, phi, precision=precision, preferred_element_type=acc
+    )
+
+
+def _gram_batched(layout: Layout, phi: jax.Array, precision: Any, acc: Any) -> jax.Array:
+    t = _batch_first(layout, phi)
+    c = lax.dot_general(
+        t, t, (((1,), (1,)), ((0,), (0,))), precision=precision, preferred_element_type=acc
+    )
+    n = t.shape[-1]
+    return c.reshape((*_group_shape(layout, phi.shape), n, n))
+
+
+def _gram_unrolled(layout: Layout, phi: jax.Array, acc: Any) -> jax.Array:
+    # Rows first (flattened), columns last; the transpose and the row slices fuse
+    # into the one loop that sums the outer products.
+    x = jnp.transpose(phi, (*layout.vector_axes, *layout.group_axes, layout.column_axis))
+    l = math.prod(x.shape[: len(layout.vector_axes)])
+    x = x.astype(acc).reshape(l, *x.shape[len(layout.vector_axes) :])
+    total = _outer(x[0])
+    for a in range(1, l):
+        total = total + _outer(x[a])
+    return _materialize(total)
+
+
+def _outer(row: jax.Array) -> jax.Array:
+    return row[..., :, None] * row[..., None, :]
+
+
+def _materialize(x: jax.Array) -> jax.Array:
+    """``x``, computed once into a buffer of its own.
+
+    XLA fuses cheap elementwise producers into their consumers even when the
+    consumer reads each element many times: an elementwise Gram matrix (or the
+    small matrix ``M`` built from it) would be recomputed for every element of
+    ``phi``, 16 times the work at ``(16, m, 4)``. ``lax.optimization_barrier`` does
+    not stop that on CPU (it is expanded before fusion), a reduce is handed to a
+    slow library kernel, and a one-trip loop is simplified away; a two-trip loop
+    copying the halves of ``x`` is a boundary that every backend keeps. It copies
+    ``m n^2`` numbers, exactly.
+    """
+    # Split along the first axis of size >= 2, keeping x's shape: a flattened view
+    # would make XLA emit the producer's loop over a flat index, unvectorised.
+    axis = next((a for a, size in enumerate(x.shape) if size >= 2), None)
+    if axis is None:
+        return x
+    size = x.shape[axis]
+    half = size // 2
+
+    def copy_half(i: jax.Array, buf: jax.Array) -> jax.Array:
+        part = lax.dynamic_slice_in_dim(x, i * half, half, axis)
+        return lax.dynamic_update_slice_in_dim(buf, part, i * half, axis)
+
+    out: jax.Array = lax.fori_loop(0, 2, copy_half, jnp.zeros_like(x))
+    if size % 2:
+        last = lax.slice_in_dim(x, size - 1, size, axis=axis)
+        out = lax.dynamic_update_slice_in_dim(out, last, size - 1, axis)
+    return out
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def apply(layout: Layout, phi: jax.Array, m: jax.Array, *, precision: Any) -> jax.Array:
+    r""":math:`\Phi_i M_i` for every group, shaped like ``phi``, in ``m``'s dtype.
+
+    Equal to ``jnp.einsum(layout.apply_subscripts, phi.astype(m.dtype), m,
+    precision=precision, preferred_element_type=m.dtype)`` up to the order of summation.
+    """
+    how = "einsum" if phi.size == 0 else choose(layout, phi.shape, m.dtype, precision, "apply")
+    x = phi.astype(m.dtype)
+    if how == "unrolled":
+        return _apply_unrolled(layout, x, m)
+    if how == "batched":
+        return _apply_batched(layout, x, m, precision)
+    return jnp.einsum(
+        layout.apply_subscripts, x, m, precision=precision, preferred_element_type=m.dtype
+    )
+
+
+def _apply_batched(layout: Layout, x: jax.Array, m: jax.Array, precision: Any) -> jax.Array:
+    t = _batch_first(layout, x)
+    groups, _, n = t.shape
+    y = lax.dot_general(
+        t,
+        m.reshape(groups, n, n),
+        (((2,), (1,)), ((0,), (0,))),
+        precision=precision,
+        preferred_element_type=m.dtype,
+    )
+    return _from_batch_first(layout, y, x.shape)
+
+
+def _apply_unrolled(layout: Layout, x: jax.Array, m: jax.Array) -> jax.Array:
+    # (Phi M)[..., c] = sum_d Phi[..., d] M[d, c]: column d broadcast along the column
+    # axis times row d of M broadcast along the vector axes; one fused loop.
+    m = _materialize(m)  # built once, not once for every element of phi
+    total: jax.Array | None = None
+    for d in range(x.shape[layout.column_axis]):
+        column = lax.slice_in_dim(x, d, d + 1, axis=layout.column_axis)
+        term = column * _on_columns(layout, m[..., d, :])
+        total = term if total is None else total + term
+    assert total is not None  # n >= 1: empty shapes take the einsum
+    return total

@@ -157,26 +157,52 @@ def _check_mask(mask: MaskOrFn) -> None:
         )
 
 
+class _Leaf(NamedTuple):
+    path: Any  # the key path, for error messages
+    phi: Any  # the leaf (an array, or a hole: MaskedNode or None)
+    dims: OrthoDims | None  # its layout, or None to skip it
+
+
 def _select(
     params: Any, dimension_numbers: DimensionNumbers
-) -> tuple[jax.tree_util.PyTreeDef, list[Any], list[OrthoDims | None]]:
+) -> tuple[jax.tree_util.PyTreeDef, list[_Leaf]]:
     """Decides which leaves are penalised, and with which layout.
 
     The single leaf-selection rule of the package. ``params`` may hold
     ``optax.MaskedNode`` (from ``mask``) and ``None`` leaves; both are skipped.
 
     Returns:
-      The structure of ``params`` with those holes as leaves, its leaves, and per
-      leaf an :class:`OrthoDims` or ``None`` (skip).
+      The structure of ``params`` with those holes as leaves, and per leaf its path,
+      the leaf and an :class:`OrthoDims` or ``None`` (skip).
     """
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_hole)
-    leaves = [x for _, x in path_leaves]
     if dimension_numbers is None:
         # The default: every floating-point array of rank >= 2, in the default layout.
-        default = [OrthoDims() if _is_default_target(x) else None for x in leaves]
-        return treedef, leaves, default
-    dims = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
-    return treedef, leaves, _match(path_leaves, dims)
+        layouts = [OrthoDims() if _is_default_target(x) else None for _, x in path_leaves]
+    else:
+        dims = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
+        layouts = _match(path_leaves, dims)
+    leaves = [_Leaf(path, x, d) for (path, x), d in zip(path_leaves, layouts, strict=True)]
+    return treedef, leaves
+
+
+def _on_leaf(fn: Any, leaf: _Leaf, beta: Any, options: dict[str, Any]) -> jax.Array:
+    """``fn(phi, beta, layout, **options)``, with errors naming the leaf's path."""
+    assert leaf.dims is not None
+    try:
+        return cast(
+            jax.Array,
+            fn(
+                leaf.phi,
+                beta,
+                vector_axis=leaf.dims.vector_axis,
+                column_axis=leaf.dims.column_axis,
+                **options,
+            ),
+        )
+    except (ValueError, TypeError) as e:
+        where = jax.tree_util.keystr(leaf.path) or "the root"
+        raise type(e)(f"params leaf {where}: {e}") from e
 
 
 def _match(path_leaves: list[tuple[Any, Any]], dims: Any) -> list[OrthoDims | None]:
@@ -285,18 +311,19 @@ def add_orthogonality_penalty(
         bools with the structure of the params, a prefix of it (a bool for a whole
         subtree), or a callable from the params to one. ``True`` means penalise.
       dimension_numbers: the layout of each leaf. ``None`` (default): every leaf of
-        rank >= 2 with a floating dtype, in the default layout ``OrthoDims()`` (vectors on axis 0, columns
-        on the last axis: right for flax ``Dense`` kernels and ``(l, m, n)``
-        tensors, not for conv kernels, equinox ``(out, in)`` weights or
-        scan-stacked kernels; see :class:`OrthoDims`); lower-rank leaves (biases,
-        scales) and integer or boolean leaves (counters, masks) are skipped. Otherwise a pytree with the structure of the params,
-        or a prefix of it, of :class:`OrthoDims` (penalise with that layout) or
-        ``None`` (skip), or a callable from the params to one, like
+        rank >= 2 with a floating dtype, in the default layout ``OrthoDims()``
+        (vectors on axis 0, columns on the last axis: right for flax ``Dense``
+        kernels and ``(l, m, n)`` tensors, not for conv kernels, equinox
+        ``(out, in)`` weights or scan-stacked kernels; see :class:`OrthoDims`);
+        lower-rank leaves (biases, scales) and integer or boolean leaves
+        (counters, masks) are skipped. Otherwise a pytree with the structure of
+        the params, or a prefix of it, of :class:`OrthoDims` (penalise with that
+        layout) or ``None`` (skip), or a callable from the params to one, like
         ``muon_weight_dimension_numbers`` in ``optax.contrib.muon``. A callable
         receives the params with ``optax.MaskedNode`` in place of the leaves that
         ``mask`` leaves out. An :class:`OrthoDims` that does not fit its leaf
-        raises :func:`orthogonality_penalty`'s ``ValueError`` when the update is
-        traced.
+        raises :func:`orthogonality_penalty`'s ``ValueError``, prefixed with the
+        leaf's path, when the update is traced.
       norm: the entrywise norm, ``"l1"``, ``"squared"`` or :func:`huber`.
       subgradient: the kink convention of ``"l1"`` (see
         :func:`orthogonality_penalty`); static.
@@ -410,19 +437,12 @@ def add_orthogonality_penalty(
         if isinstance(beta, (int, float)) and beta == 0:
             return updates, new_state
         strength = beta(count) if callable(beta) else beta
-        treedef, phis, layouts = _select(params, dimension_numbers)
+        treedef, leaves = _select(params, dimension_numbers)
         out = [
             u
-            if dims is None or u is None
-            else u
-            + orthogonality_penalty_grad(
-                phi,
-                strength,
-                vector_axis=dims.vector_axis,
-                column_axis=dims.column_axis,
-                **options,
-            ).astype(u.dtype)
-            for u, phi, dims in zip(treedef.flatten_up_to(updates), phis, layouts, strict=True)
+            if leaf.dims is None or u is None
+            else u + _on_leaf(orthogonality_penalty_grad, leaf, strength, options).astype(u.dtype)
+            for u, leaf in zip(treedef.flatten_up_to(updates), leaves, strict=True)
         ]
         return treedef.unflatten(out), new_state
 
@@ -485,23 +505,19 @@ def tree_orthogonality_penalty(
       Array(0., dtype=float32)
     """
     _check_mask(mask)
-    treedef, phis, layouts = _select(_masked_view(params, mask), dimension_numbers)
-    del treedef
+    options: dict[str, Any] = dict(
+        norm=norm,
+        subgradient=subgradient,
+        precision=precision,
+        off_diagonal=off_diagonal,
+        normalize=normalize,
+        double_sided=double_sided,
+    )
+    _, leaves = _select(_masked_view(params, mask), dimension_numbers)
     terms = [
-        orthogonality_penalty(
-            phi,
-            beta,
-            vector_axis=dims.vector_axis,
-            column_axis=dims.column_axis,
-            norm=norm,
-            subgradient=subgradient,
-            precision=precision,
-            off_diagonal=off_diagonal,
-            normalize=normalize,
-            double_sided=double_sided,
-        )
-        for phi, dims in zip(phis, layouts, strict=True)
-        if dims is not None
+        _on_leaf(orthogonality_penalty, leaf, beta, options)
+        for leaf in leaves
+        if leaf.dims is not None
     ]
     if not terms:
         return jnp.zeros((), jnp.float32)

@@ -225,10 +225,15 @@ def test_dimension_numbers_with_a_bad_entry_raise(bad: Any) -> None:
 def test_explicit_layout_that_does_not_fit_raises_the_core_error() -> None:
     params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
     rank = jop.add_orthogonality_penalty(0.5, dimension_numbers={"w": None, "b": OrthoDims()})
-    with pytest.raises(ValueError, match="rank >= 2"):
+    # The core's message, prefixed with the leaf's path so it can be found in a big model.
+    with pytest.raises(ValueError, match=r"params leaf \['b'\]: `phi` must have rank >= 2"):
         jax.jit(rank.update)(params, rank.init(params), params)
+    with pytest.raises(ValueError, match=r"params leaf \['b'\]: `phi` must have rank >= 2"):
+        jop.tree_orthogonality_penalty(
+            params, 0.5, dimension_numbers={"w": None, "b": OrthoDims()}
+        )
     axis = jop.add_orthogonality_penalty(0.5, dimension_numbers=OrthoDims(0, 2))
-    with pytest.raises(ValueError, match="`column_axis`=2 is out of range"):
+    with pytest.raises(ValueError, match=r"params leaf \['w'\]: `column_axis`=2 is out of range"):
         _update(axis, {"w": params["w"]}, {"w": params["w"]})
 
 

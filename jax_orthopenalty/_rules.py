@@ -47,6 +47,10 @@ class deadzone:
     Args:
       tol: the half-width of the band, a finite float ``>= 0``.
 
+    Returns:
+      A convention to pass as ``subgradient=``: hashable and compared by value,
+      so equal tolerances share a jit cache entry.
+
     Raises:
       ValueError: if ``tol`` is negative, NaN or infinite.
       TypeError: if ``tol`` is not a real number.
@@ -92,6 +96,10 @@ class huber:
     Args:
       delta: the width of the quadratic zone, a finite float ``> 0``.
 
+    Returns:
+      A norm to pass as ``norm=``, with ``value`` and ``derivative`` methods;
+      hashable and compared by value.
+
     Raises:
       ValueError: if ``delta`` is not positive and finite.
       TypeError: if ``delta`` is not a real number.
@@ -118,12 +126,22 @@ class huber:
 
 
 Norm: TypeAlias = Literal["l1", "squared"] | huber
-"""The entrywise norm: ``"l1"``, ``"squared"`` or :class:`huber`."""
+"""The entrywise norm f applied to X = Phi_i^T Phi_i - I before summing.
+
+``"l1"`` is |x| (with a kink at 0, see :data:`Subgradient`), ``"squared"`` is x**2
+(the Frobenius² "soft orthogonality" penalty), :class:`huber` is a smooth L1.
+"""
 
 Subgradient: TypeAlias = (
     Literal["zero", "positive", "negative"] | deadzone | Callable[[jax.Array], jax.Array]
 )
-"""The derivative of :math:`|x|` used by the ``"l1"`` norm, at and away from 0."""
+"""The derivative of |x| that the ``"l1"`` norm's gradient uses, a static option.
+
+``"zero"`` (sign(0) = 0, the minimum-norm subgradient: the gradient at an exactly
+orthonormal Phi is 0), ``"positive"`` (sign(0) = +1, what ``jax.grad(jnp.abs)``
+gives), ``"negative"`` (sign(0) = -1), :class:`deadzone` (0 in a band around 0), or
+a callable mapping an array x to an array s of its shape with values in [-1, 1].
+"""
 
 
 def _check_positive_real(name: str, x: object, *, allow_zero: bool) -> None:

@@ -67,6 +67,11 @@ class OrthoDims(NamedTuple):
       ``OrthoDims(vector_axis=1, column_axis=2)``; the layer axis is a group axis.
       (The default layout would take the layer axis for the vectors.)
 
+    Args:
+      vector_axis: the axis of the vectors, or a tuple of axes flattened together
+        (contracted in the Gram matrix). Default 0.
+      column_axis: the axis that indexes the vectors of a group. Default -1.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> import jax_orthopenalty as jop
@@ -82,7 +87,23 @@ class OrthoDims(NamedTuple):
 
 
 class AddOrthogonalityPenaltyState(NamedTuple):
-    """The state of :func:`add_orthogonality_penalty`: the step count for ``beta``."""
+    """The state of :func:`add_orthogonality_penalty`: the step count for ``beta``.
+
+    ``count`` is the number of updates so far (int32, saturating like optax's
+    counts); a schedule ``beta`` is evaluated at it.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import jax_orthopenalty as jop
+      >>> tx = jop.add_orthogonality_penalty(optax.linear_schedule(0.0, 1.0, 10))
+      >>> params = {"w": 2 * jnp.eye(2)}
+      >>> state = tx.init(params)
+      >>> state
+      AddOrthogonalityPenaltyState(count=Array(0, dtype=int32))
+      >>> _, state = tx.update(params, state, params)
+      >>> int(state.count)
+      1
+    """
 
     # shape (), int32. The name shadows tuple.count, as in optax's states.
     count: jax.Array  # type: ignore[assignment]

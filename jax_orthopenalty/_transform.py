@@ -135,7 +135,7 @@ def _is_dims_leaf(x: object) -> bool:
     return x is None or isinstance(x, OrthoDims)
 
 
-def _is_default_target(x: object) -> bool:
+def _is_default_target(x: Any) -> bool:
     """Penalised by ``dimension_numbers=None``: a floating array of rank >= 2."""
     if _is_hole(x) or jnp.ndim(x) < 2:
         return False

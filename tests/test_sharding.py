@@ -198,25 +198,44 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess
         (psh,),
     )
 
-    # The optax update, where the transform exists.
+    # The optax update, where the transform exists: a default-layout leaf sharded
+    # over its groups, a conv leaf (groups last) with OrthoDims, a replicated bias,
+    # a schedule (a step count in the state), under jit, on Auto and Explicit meshes.
     if hasattr(jop, "add_orthogonality_penalty"):
-        params = {"w": phi, "b": jnp.ones((8,))}
-        grads = {"w": jnp.cos(phi), "b": jnp.ones((8,))}
-        tx = optax.chain(jop.add_orthogonality_penalty(0.1), optax.sgd(1e-2))
-        state = tx.init(params)
-        tree_sh = {"w": psh, "b": NamedSharding(mesh, P())}
+        for axis_type in (AxisType.Auto, AxisType.Explicit):
+            mesh = jax.make_mesh((N_DEVICES,), ("x",), axis_types=(axis_type,))
+            mode = axis_type.name.lower()
+            params = {"w": phi, "conv": conv, "b": jnp.ones((8,))}
+            grads = jax.tree.map(jnp.cos, params)
+            dims = {"w": jop.OrthoDims(), "conv": jop.OrthoDims(**conv_opts), "b": None}
+            tx = optax.chain(
+                jop.add_orthogonality_penalty(
+                    optax.linear_schedule(0.1, 0.2, 10), dimension_numbers=dims
+                ),
+                optax.sgd(1e-2),
+            )
+            state = tx.init(params)
+            tree_sh = {
+                "w": NamedSharding(mesh, P(None, "x", None)),
+                "conv": NamedSharding(mesh, P(None, None, None, None, "x")),
+                "b": NamedSharding(mesh, P()),
+            }
 
-        def step(g: Any, p: Any) -> Any:
-            updates, _ = tx.update(g, state, p)
-            return optax.apply_updates(p, updates)
+            def step(g: Any, p: Any, tx: Any = tx, state: Any = state) -> Any:
+                updates, _ = tx.update(g, state, p)
+                return optax.apply_updates(p, updates)
 
-        check("auto-group-optax-update", step, (grads, params), (tree_sh, tree_sh))
-        check(
-            "auto-group-tree-penalty-grad",
-            jax.grad(lambda p: jop.tree_orthogonality_penalty(p, 0.1)),
-            (params,),
-            (tree_sh,),
-        )
+            check(f"{mode}-group-optax-update", step, (grads, params), (tree_sh, tree_sh))
+            check(
+                f"{mode}-group-tree-penalty-grad",
+                jax.grad(
+                    lambda p, dims=dims: jop.tree_orthogonality_penalty(
+                        p, 0.1, dimension_numbers=dims
+                    )
+                ),
+                (params,),
+                (tree_sh,),
+            )
 
     print("RECORDS " + json.dumps(records))
 
@@ -366,8 +385,17 @@ def test_explicit_mesh_contracted_sharding(where: str, what: str) -> None:
             assert rec["out_specs"] == rec["in_specs"], rec
 
 
-@pytest.mark.parametrize("name", ["auto-group-optax-update", "auto-group-tree-penalty-grad"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        f"{mode}-group-{what}"
+        for mode in ("auto", "explicit")
+        for what in ("optax-update", "tree-penalty-grad")
+    ],
+)
 def test_optax_update_group_sharded(name: str) -> None:
+    """The optax update and the tree penalty's gradient: same numbers as on one
+    device, no gather, and every leaf keeps its sharding."""
     records = _records()
     if name not in records:
         pytest.skip("jax_orthopenalty.add_orthogonality_penalty is not in this checkout yet")

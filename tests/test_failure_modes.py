@@ -317,6 +317,23 @@ def test_zero_column_normalize_one_sided_convention_is_huge(subgradient: str, si
     )
 
 
+def test_zero_column_normalize_one_sided_overflows_float16() -> None:
+    """The same 2e6-scale gradient is beyond float16 (max 65504): it comes back as a
+    signed inf from finite input. bfloat16 (float32's range) keeps it finite; the
+    default "zero" convention gives exactly 0 in every dtype."""
+    g16 = jop.orthogonality_penalty_grad(
+        jnp.asarray(ZERO_COL, jnp.float16), normalize=True, subgradient="positive"
+    )
+    np.testing.assert_array_equal(np.asarray(g16[:, 1], np.float32), [np.inf, np.inf, 0.0])
+    gbf = jop.orthogonality_penalty_grad(
+        jnp.asarray(ZERO_COL, jnp.bfloat16), normalize=True, subgradient="positive"
+    )
+    assert np.isfinite(np.asarray(gbf, np.float32)).all()
+    for dtype in (jnp.float16, jnp.bfloat16):
+        g = jop.orthogonality_penalty_grad(jnp.asarray(ZERO_COL, dtype), normalize=True)
+        assert (np.asarray(g[:, 1], np.float32) == 0).all()
+
+
 # --------------------------------------------------------------------------- deadzone
 
 

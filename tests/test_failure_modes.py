@@ -115,7 +115,9 @@ def test_float32_l1_overflow_threshold() -> None:
     is finite, since the derivative of |.| is bounded."""
     below, above = _one(2.0**63, jnp.float32), _one(2.0**64, jnp.float32)
     assert float(jop.orthogonality_penalty(below)) == 2.0**126
+    assert float(jop.orthogonality_penalty_grad(below)[0, 0]) == 2.0**64
     assert float(jop.orthogonality_penalty(above)) == np.inf
+    assert float(jop.orthogonality_penalty(above, norm=jop.huber(1.0))) == np.inf
     for opts in ({}, {"norm": jop.huber(1.0)}):
         g = jop.orthogonality_penalty_grad(above, **opts)
         assert float(g[0, 0]) == 2.0**65
@@ -210,6 +212,26 @@ def test_more_columns_than_vectors_minimum_values() -> None:
     np.testing.assert_allclose(np.asarray(g), 0.0, atol=1e-6)
     # off_diagonal: the angles alone can all be 0 (drop the extra columns): minimum 0.
     assert float(jop.orthogonality_penalty(jnp.asarray(drop), off_diagonal=True)) == 0.0
+    # double_sided adds Phi Phi^T - I_l, which is 0 at both minimisers: still n - l.
+    np.testing.assert_allclose(
+        ref.penalty_and_grad(frame, norm="squared", double_sided=True)[0], 1.0
+    )
+    np.testing.assert_allclose(ref.penalty_and_grad(drop, norm="l1", double_sided=True)[0], 1.0)
+
+
+def test_more_columns_than_vectors_cosines_welch_bound() -> None:
+    """normalize + off_diagonal + squared, nonzero columns: sum_{j != k} cos^2 is at
+    least n^2 / l - n (the Welch bound), 1.5 for (l, n) = (2, 3), attained by the
+    equiangular frame; a zero column escapes it (its cosines read 0)."""
+    opts: dict[str, Any] = {"norm": "squared", "normalize": True, "off_diagonal": True}
+    frame = jnp.asarray(_mercedes(), jnp.float32)
+    np.testing.assert_allclose(float(jop.orthogonality_penalty(frame, **opts)), 1.5, rtol=1e-6)
+    rng = np.random.default_rng(5)
+    phi = rng.normal(size=(2, 300, 3))
+    values = [ref.penalty_and_grad(phi[:, i, :], **opts)[0] for i in range(300)]
+    assert min(values) >= 1.5 - 1e-12
+    drop = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert float(jop.orthogonality_penalty(drop, **opts)) == 0.0
 
 
 @pytest.mark.parametrize("norm", ["l1", "squared"])

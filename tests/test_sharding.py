@@ -19,7 +19,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,17 @@ _COLLECTIVE = re.compile(
 def collectives(hlo: str) -> list[tuple[str, str]]:
     """(op, per-device result shape) for every collective in a compiled HLO module."""
     return [(m["op"], m["shape"].split("{")[0]) for m in _COLLECTIVE.finditer(hlo)]
+
+
+@pytest.fixture(autouse=True)
+def _x64_stays_off() -> Iterator[None]:
+    # This module runs after most others (alphabetically): a leaked
+    # jax.config.update("jax_enable_x64", True) anywhere before it fails here.
+    import jax
+
+    assert not jax.config.jax_enable_x64
+    yield
+    assert not jax.config.jax_enable_x64
 
 
 def test_collective_parser_sees_an_all_gather() -> None:

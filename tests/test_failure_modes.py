@@ -143,6 +143,33 @@ def test_float32_squared_overflow_threshold() -> None:
     assert not np.isfinite(float(g[0, 0]))
 
 
+@pytest.mark.parametrize(
+    ("opts", "value", "grad_finite"),
+    [
+        ({}, "inf", True),
+        ({"norm": jop.huber(1.0)}, "inf", True),
+        ({"norm": "squared"}, "inf", False),
+        ({"off_diagonal": True}, "nan", True),
+        ({"double_sided": True}, "inf", True),
+    ],
+    ids=["l1", "huber", "squared", "off_diagonal", "double_sided"],
+)
+def test_float32_entries_1e20(opts: dict[str, Any], value: str, grad_finite: bool) -> None:
+    """Normal data times 1e20 in float32: the Gram overflows (|C| ~ 1e40). The value
+    is inf (NaN with off_diagonal: inf * 0 on the diagonal); the bounded L1 and Huber
+    derivatives keep the gradient finite, the squared norm's 4 X Phi does not."""
+    rng = np.random.default_rng(0)
+    phi = jnp.asarray(rng.normal(size=(4, 2, 3)) * 1e20, jnp.float32)
+    assert np.isfinite(np.asarray(phi)).all()
+    v, auto, closed = _value_and_grads(phi, **opts)
+    if value == "inf":
+        assert float(v) == np.inf
+    else:
+        assert np.isnan(float(v))
+    for g in (auto, closed):
+        assert bool(np.isfinite(np.asarray(g)).all()) is grad_finite
+
+
 def test_half_precision_accumulates_in_float32() -> None:
     """float16 max is 65504. A column (200, 200) has C = 80000, beyond float16: the
     Gram is accumulated in float32, so only the final cast of the value can overflow."""

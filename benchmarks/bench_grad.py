@@ -315,6 +315,49 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: list[dict[str, Any]]) -> str:
+    """The tables of docs/performance.md: ratios, then milliseconds and memory."""
+    nan = float("nan")
+    rows = [
+        "| (l, m, n) | Gram / product | autodiff / grad | grad / matmul floor "
+        "| grad / memory floor | torch / grad | transform / grad |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        q = r["ratios"]
+        rows.append(
+            f"| {tuple(r['shape'])} | {r['formulation']['gram']} / {r['formulation']['apply']} "
+            f"| {q['autodiff/grad']:.2f} | {q['grad/matmul_floor']:.2f} "
+            f"| {q['grad/memory_floor']:.1f} | {q.get('torch/grad', nan):.2f} "
+            f"| {q.get('transform/grad', nan):.2f} |"
+        )
+    speedups = [r["ratios"]["autodiff/grad"] for r in results]
+    rows.append(
+        f"\nGeometric mean of autodiff / grad: **{statistics.geometric_mean(speedups):.2f}x** "
+        f"(min {min(speedups):.2f}x).\n"
+    )
+    rows += [
+        "| (l, m, n) | grad | transform | autodiff | Gram + product | memory pass | torch "
+        "| grad temp / phi | autodiff temp / phi | budget (phi + Gram) / phi |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+
+    def ms(r: dict[str, Any], key: str) -> str:
+        t = r["times"].get(key)
+        return "" if t is None else f"{t['median_s'] * 1e3:.3f}"
+
+    for r in results:
+        mem = r["memory"]
+        budget = (mem["phi_bytes"] + mem["gram_bytes"]) / mem["phi_bytes"]
+        rows.append(
+            f"| {tuple(r['shape'])} | {ms(r, 'grad')} | {ms(r, 'transform')} "
+            f"| {ms(r, 'autodiff')} | {r['matmul_floor_s'] * 1e3:.3f} | {ms(r, 'memory')} "
+            f"| {ms(r, 'torch')} | {mem.get('grad_temp_over_phi', nan):.2f} "
+            f"| {mem.get('autodiff_temp_over_phi', nan):.2f} | {budget:.2f} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small shapes, 1 rep")
@@ -323,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="", help="comma-separated indices into the regime list, e.g. 0,3"
     )
     parser.add_argument("--out", default=None, help="JSON path ('' for none)")
+    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     args = parser.parse_args(argv)
 
     regimes = REGIMES
@@ -343,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done {shape}", file=sys.stderr, flush=True)
 
     print(table(results))
+    if args.markdown:
+        print(markdown(results))
     for r in results:
         for note in r["notes"].values():
             print(f"{tuple(r['shape'])}: {note}")

@@ -55,7 +55,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Formulation", "apply", "choose", "gram"]
 
-Formulation = Literal["einsum", "batched", "unrolled"]
+Formulation = Literal["einsum", "batched", "halves", "unrolled"]
+
+HALVES_MIN_COLUMNS = 1024
+"""The Gram matrix is built from the column halves (3 dots, not 4) from this many columns."""
+
+UNROLL_MIN_GROUPS = 8
+"""The unrolled formulations are used from this many groups ..."""
 
 UNROLL_MAX_COLUMNS = 8
 """The product is unrolled (over the columns) for groups of at most this many columns."""
@@ -98,7 +104,7 @@ def choose(
       which: ``"gram"`` or ``"apply"``.
 
     Returns:
-      ``"einsum"``, ``"batched"`` or ``"unrolled"``.
+      ``"einsum"``, ``"batched"``, ``"halves"`` or ``"unrolled"``.
     """
     m, l, n = _sizes(layout, shape)
     if m * l * n == 0:
@@ -109,14 +115,31 @@ def choose(
     full = _full_precision(precision) or (
         jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize >= 4
     )
-    if full and which == "apply" and n <= UNROLL_MAX_COLUMNS:
+    # Below a few groups there is nothing to vectorise across (and the gain is a
+    # microsecond or two): keep the dot.
+    tiny = full and m >= UNROLL_MIN_GROUPS
+    if tiny and which == "apply" and n <= UNROLL_MAX_COLUMNS:
         return "unrolled"
-    if full and which == "gram" and any(n <= nc and l <= lr for nc, lr in UNROLL_GRAM):
+    # The unrolled Gram slices the rows of the vector axes. Where those may be
+    # sharded over devices every slice becomes a collective; the dot partitions into
+    # local dots and one all-reduce of the Gram. So on several devices, the dot.
+    if (
+        tiny
+        and which == "gram"
+        and any(n <= nc and l <= lr for nc, lr in UNROLL_GRAM)
+        and jax.device_count() == 1
+    ):
         return "unrolled"
+    if which == "gram" and n >= HALVES_MIN_COLUMNS:
+        return "halves"
     return "batched"
 
 
 # --------------------------------------------------------------------------- helpers
+#
+# No reshapes: merging group (or vector) axes into one would make the SPMD partitioner
+# gather a sharded axis. Transposes and dot_general with several batch and contracting
+# dimensions keep every axis, so a sharding on any of them carries through.
 
 
 def _batch_first_perm(layout: Layout) -> tuple[int, ...]:
@@ -124,20 +147,26 @@ def _batch_first_perm(layout: Layout) -> tuple[int, ...]:
 
 
 def _batch_first(layout: Layout, x: jax.Array) -> jax.Array:
-    """``x`` as ``(m, l, n)``: groups, then the flattened vectors, then the columns."""
-    m, l, n = _sizes(layout, x.shape)
-    return jnp.transpose(x, _batch_first_perm(layout)).reshape(m, l, n)
+    """``x`` as ``(groups..., vectors..., n)``; a no-op when already in that order."""
+    return jnp.transpose(x, _batch_first_perm(layout))
 
 
-def _from_batch_first(layout: Layout, y: jax.Array, shape: Sequence[int]) -> jax.Array:
-    """The inverse of :func:`_batch_first`: ``(m, l, n)`` back to ``shape``."""
-    perm = _batch_first_perm(layout)
-    y = y.reshape(tuple(shape[a] for a in perm))
-    return jnp.transpose(y, tuple(int(a) for a in np.argsort(perm)))
+def _from_batch_first(layout: Layout, y: jax.Array) -> jax.Array:
+    """The inverse of :func:`_batch_first`."""
+    return jnp.transpose(y, tuple(int(a) for a in np.argsort(_batch_first_perm(layout))))
 
 
-def _group_shape(layout: Layout, shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(shape[a] for a in layout.group_axes)
+def _gram_dot(layout: Layout, x: jax.Array, y: jax.Array, precision: Any, acc: Any) -> jax.Array:
+    """``x_i^T y_i`` for batch-first ``x``, ``y``: ``(groups..., n_x, n_y)``."""
+    g, k = len(layout.group_axes), len(layout.vector_axes)
+    vectors, groups = tuple(range(g, g + k)), tuple(range(g))
+    return lax.dot_general(
+        x,
+        y,
+        ((vectors, vectors), (groups, groups)),
+        precision=precision,
+        preferred_element_type=acc,
+    )
 
 
 def _on_columns(layout: Layout, rows: jax.Array) -> jax.Array:
@@ -161,6 +190,8 @@ def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Arr
         return _gram_unrolled(layout, phi, acc)
     if how == "batched":
         return _gram_batched(layout, phi, precision, acc)
+    if how == "halves":
+        return _gram_halves(layout, phi, precision, acc)
     return jnp.einsum(
         layout.gram_subscripts, phi, phi, precision=precision, preferred_element_type=acc
     )
@@ -168,22 +199,36 @@ def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Arr
 
 def _gram_batched(layout: Layout, phi: jax.Array, precision: Any, acc: Any) -> jax.Array:
     t = _batch_first(layout, phi)
-    c = lax.dot_general(
-        t, t, (((1,), (1,)), ((0,), (0,))), precision=precision, preferred_element_type=acc
-    )
+    return _gram_dot(layout, t, t, precision, acc)
+
+
+def _gram_halves(layout: Layout, phi: jax.Array, precision: Any, acc: Any) -> jax.Array:
+    # C = [[A^T A, A^T B], [B^T A, B^T B]] for the column halves [A B]: the lower
+    # block is the transpose of the upper one, so three quarter-size dots do it.
+    t = _batch_first(layout, phi)
     n = t.shape[-1]
-    return c.reshape((*_group_shape(layout, phi.shape), n, n))
+    a, b = t[..., : n // 2], t[..., n // 2 :]
+    aa, bb = _gram_dot(layout, a, a, precision, acc), _gram_dot(layout, b, b, precision, acc)
+    ab = _gram_dot(layout, a, b, precision, acc)
+    return jnp.concatenate(
+        [jnp.concatenate([aa, ab], axis=-1), jnp.concatenate([_swap(ab), bb], axis=-1)],
+        axis=-2,
+    )
+
+
+def _swap(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
 
 
 def _gram_unrolled(layout: Layout, phi: jax.Array, acc: Any) -> jax.Array:
-    # Rows first (flattened), columns last; the transpose and the row slices fuse
-    # into the one loop that sums the outer products.
+    # Vectors first, columns last; the transpose and the row slices fuse into the
+    # one loop that sums the outer products of the rows.
     x = jnp.transpose(phi, (*layout.vector_axes, *layout.group_axes, layout.column_axis))
-    l = math.prod(x.shape[: len(layout.vector_axes)])
-    x = x.astype(acc).reshape(l, *x.shape[len(layout.vector_axes) :])
-    total = _outer(x[0])
-    for a in range(1, l):
-        total = total + _outer(x[a])
+    x = x.astype(acc)
+    rows = np.ndindex(*x.shape[: len(layout.vector_axes)])
+    total = _outer(x[next(rows)])
+    for index in rows:
+        total = total + _outer(x[index])
     return _materialize(total)
 
 
@@ -203,12 +248,13 @@ def _materialize(x: jax.Array) -> jax.Array:
     copying the halves of ``x`` is a boundary that every backend keeps. It copies
     ``m n^2`` numbers, exactly.
     """
-    # Split along the first axis of size >= 2, keeping x's shape: a flattened view
-    # would make XLA emit the producer's loop over a flat index, unvectorised.
-    axis = next((a for a, size in enumerate(x.shape) if size >= 2), None)
-    if axis is None:
+    # Split along the last axis (a column axis of the small matrices): the group axes
+    # may be sharded, and a dynamic slice of a sharded axis would gather it. Keeping
+    # x's shape (no flat view) keeps the producer's loop vectorised.
+    axis = x.ndim - 1
+    size = x.shape[axis] if x.ndim else 0
+    if size < 2:
         return x
-    size = x.shape[axis]
     half = size // 2
 
     def copy_half(i: jax.Array, buf: jax.Array) -> jax.Array:
@@ -235,7 +281,7 @@ def apply(layout: Layout, phi: jax.Array, m: jax.Array, *, precision: Any) -> ja
     x = phi.astype(m.dtype)
     if how == "unrolled":
         return _apply_unrolled(layout, x, m)
-    if how == "batched":
+    if how in ("batched", "halves"):
         return _apply_batched(layout, x, m, precision)
     return jnp.einsum(
         layout.apply_subscripts, x, m, precision=precision, preferred_element_type=m.dtype
@@ -244,15 +290,16 @@ def apply(layout: Layout, phi: jax.Array, m: jax.Array, *, precision: Any) -> ja
 
 def _apply_batched(layout: Layout, x: jax.Array, m: jax.Array, precision: Any) -> jax.Array:
     t = _batch_first(layout, x)
-    groups, _, n = t.shape
-    y = lax.dot_general(
+    g = len(layout.group_axes)
+    groups = tuple(range(g))
+    y = lax.dot_general(  # (groups..., vectors..., n): batch dims first, as in t
         t,
-        m.reshape(groups, n, n),
-        (((2,), (1,)), ((0,), (0,))),
+        m,
+        (((t.ndim - 1,), (g,)), (groups, groups)),
         precision=precision,
         preferred_element_type=m.dtype,
     )
-    return _from_batch_first(layout, y, x.shape)
+    return _from_batch_first(layout, y)
 
 
 def _apply_unrolled(layout: Layout, x: jax.Array, m: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ from jax_orthopenalty._penalty import make_layout
 from reference import penalty_and_grad
 
 HIGHEST = jax.lax.Precision.HIGHEST
-FORMULATIONS = ("einsum", "batched", "unrolled")
+FORMULATIONS = ("einsum", "batched", "halves", "unrolled")
 
 # (shape, vector_axis, column_axis): small enough for the unrolled forms everywhere.
 LAYOUTS = [
@@ -123,7 +123,7 @@ def test_float64_stays_float64(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("how", ["batched", "unrolled"])  # the einsum is the old path
+@pytest.mark.parametrize("how", ["batched", "halves", "unrolled"])  # einsum: the old path
 @pytest.mark.parametrize(("shape", "vector_axis", "column_axis"), LAYOUTS)
 def test_penalty_and_grad_match_the_reference(
     monkeypatch: pytest.MonkeyPatch,
@@ -194,7 +194,18 @@ def test_choice_is_static_and_by_shape() -> None:
     assert pick((512, 64, 8), "gram") == "batched"  # too many rows to unroll
     assert pick((512, 64, 8), "apply") == "unrolled"
     assert pick((256, 64, 128), "gram") == pick((256, 64, 128), "apply") == "batched"
+    assert pick((4096, 1, 4096), "gram") == "halves"
+    assert pick((4096, 1, 4096), "apply") == "batched"
+    assert pick((16, 4, 4), "gram") == pick((16, 4, 4), "apply") == "batched"  # few groups
     assert pick((4, 0, 4), "gram") == "einsum"
+
+
+def test_several_devices_keep_the_dot_for_the_gram(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rows of a sharded vector axis would each be a collective in the unrolled Gram.
+    layout = make_layout(3, 0, -1)
+    monkeypatch.setattr(jax, "device_count", lambda *_: 8)
+    assert _contract.choose(layout, (16, 32, 8), jnp.float32, HIGHEST, "gram") == "batched"
+    assert _contract.choose(layout, (16, 32, 8), jnp.float32, HIGHEST, "apply") == "unrolled"
 
 
 def test_lower_precision_keeps_the_dot() -> None:

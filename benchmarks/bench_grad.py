@@ -15,8 +15,9 @@ against four references,
   (the sum of their medians);
 * ``memory floor``: one jitted elementwise pass over phi (``phi * 2``);
 * ``torch``: where PyTorch is installed, the gradient PyTorch users write by hand
-  (BigGAN style, ``2 * beta * W @ sign(W^T W - I)``, batched over the groups, the
-  result made contiguous in phi's layout), under ``torch.no_grad`` on the same CPU.
+  (BigGAN style, ``2 * beta * W @ sign(W^T W - I)``, ``torch.bmm`` over the groups of
+  the same (l, m, n) tensor, the result made contiguous in that layout), under
+  ``torch.no_grad`` on the same CPU, with ``OMP_WAIT_POLICY=PASSIVE`` (see below).
 
 The columns are interleaved: every repetition times each of them once, in an order
 that reverses on every other repetition, and the table reports medians. It also
@@ -66,6 +67,12 @@ REGIMES: list[tuple[int, int, int]] = [
 ]
 BETA = 0.5
 HIGHEST = jax.lax.Precision.HIGHEST
+
+# PyTorch's OpenMP threads spin-wait between ops by default, and XLA's thread pool
+# does too: in one process the two fight over the cores, and PyTorch's calls take
+# 10-20x longer than on their own. Passive waiting gives PyTorch its best time here
+# (set before torch is imported; an explicit setting by the caller wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:  # optional: the hand-written PyTorch gradient
     import torch
@@ -146,12 +153,13 @@ def _temp_bytes(fn: Any, *args: Any) -> int | None:
 def _torch_grad(phi_np: np.ndarray) -> Callable[[], Any] | None:
     if torch is None:
         return None
-    w = torch.from_numpy(np.ascontiguousarray(phi_np.transpose(1, 0, 2)))  # (m, l, n)
+    phi = torch.from_numpy(phi_np)  # (l, m, n), the same layout as the JAX side
     n = phi_np.shape[-1]
-    eye = torch.eye(n, dtype=w.dtype)
+    eye = torch.eye(n, dtype=phi.dtype)
 
     def grad() -> Any:
         with torch.no_grad():
+            w = phi.permute(1, 0, 2)  # (m, l, n): groups as the batch
             g = 2 * BETA * torch.bmm(w, torch.sign(torch.bmm(w.transpose(1, 2), w) - eye))
             return g.permute(1, 0, 2).contiguous()  # back to phi's (l, m, n)
 

@@ -87,6 +87,36 @@ def test_gram_and_apply_equal_the_einsum(
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("shape", "vector_axis", "column_axis"),
+    [
+        pytest.param((80, 64), 0, 1, id="2d"),
+        pytest.param((64, 80), 1, 0, id="2d-transposed"),
+        pytest.param((4, 1, 20, 64), (0, 2), 3, id="tuple-vectors-size-1-group"),
+    ],
+)
+def test_one_wide_group_takes_the_nt_dot(
+    shape: tuple[int, ...], vector_axis: Any, column_axis: int
+) -> None:
+    # m = 1, n >= 64: the Gram contracts the minor axes of (n, l) ("NT").
+    layout = make_layout(len(shape), vector_axis, column_axis)
+    assert _contract._use_nt(layout, shape)
+    phi = jnp.asarray(_phi(shape), jnp.float32)
+    gram = jax.jit(lambda p: _contract.gram(layout, p, precision=HIGHEST, acc=jnp.float32))(phi)
+    want = jnp.einsum(layout.gram_subscripts, phi, phi, precision=HIGHEST)
+    np.testing.assert_allclose(gram, want, rtol=1e-5, atol=1e-4)
+    _, want_grad = penalty_and_grad(_phi(shape), vector_axis=vector_axis, column_axis=column_axis)
+    with jax.enable_x64(True):
+        grad = jax.jit(
+            jax.grad(
+                lambda p: jop.orthogonality_penalty(
+                    p, vector_axis=vector_axis, column_axis=column_axis
+                )
+            )
+        )(jnp.asarray(_phi(shape), jnp.float64))
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("how", FORMULATIONS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_accumulates_in_float32(

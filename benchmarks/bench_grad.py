@@ -288,8 +288,6 @@ def machine() -> dict[str, Any]:
         "devices": [str(d) for d in jax.devices()],
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if hasattr(os, "getloadavg"):
-        info["loadavg_at_start"] = list(os.getloadavg())
     if torch is not None:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
@@ -377,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     args = parser.parse_args(argv)
 
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     regimes = REGIMES
     if args.only:
         regimes = [REGIMES[int(i)] for i in args.only.split(",")]
@@ -407,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         "beta": BETA,
         "results": results,
     }
+    report["machine"]["date_utc"] = started
+    report["machine"]["loadavg_at_start"] = load_at_start
     if hasattr(os, "getloadavg"):
         report["machine"]["loadavg_at_end"] = list(os.getloadavg())
     out = args.out

@@ -14,28 +14,38 @@ of tiny matmuls, each far below the cost of the call. So the formulation is chos
 statically, from the shapes, at trace time:
 
 ``"batched"``
-  Transpose ``phi`` once to ``(groups, vectors, n)`` (a no-op when it is already in
-  that order, for example a 2-D ``phi`` or ``m = 1``) and do one batch-first
-  ``dot_general``. Exactly the einsum's dot, with its ``precision`` and
-  ``preferred_element_type``; only the operand order differs. The default.
+  Transpose ``phi`` once to ``(groups..., vectors..., n)`` (a no-op when it is already
+  in that order, for example a 2-D ``phi`` or ``m = 1``) and do one batch-first
+  ``dot_general``, with the einsum's ``precision`` and ``preferred_element_type``;
+  only the operand order differs. One wide group (``m = 1``, ``n >= 64``) takes the
+  Gram as the "NT" product of ``(n, l)`` with itself, which XLA's CPU backend runs
+  faster. The default.
+
+``"halves"``
+  The Gram for ``n >= 1024``: :math:`C = [[A^\top A, A^\top B], [B^\top A, B^\top B]]`
+  for the column halves :math:`[A\ B]`, three quarter-size dots instead of four (the
+  lower block is the transpose of the upper), so :math:`C` is exactly symmetric.
 
 ``"unrolled"``
-  Tiny groups, at full precision. The Gram matrix is a sum of :math:`l` outer
-  products :math:`\sum_a \phi_a \phi_a^\top` of the rows :math:`\phi_a` of every group,
-  unrolled over the :math:`l` rows; the product :math:`\Phi_i M_i` is a sum of
-  :math:`n` broadcast products, column :math:`d` of :math:`\Phi_i` times row :math:`d`
-  of :math:`M_i`, unrolled over the :math:`n` columns. XLA fuses each into one
-  elementwise loop that reads ``phi`` once, vectorised across the groups, instead of
-  a batch of :math:`4 \times 4` matmuls. Products and sums are in the accumulation
-  dtype (float32 for bfloat16/float16), as ``preferred_element_type`` asks of the dot;
-  used only where the einsum would run at full precision too (``HIGHEST``, or float32
-  and float64 on CPU, where XLA ignores ``precision``), so the arithmetic is the same
-  and only the summation order differs.
+  Tiny groups (at least 8 of them), at full precision. The Gram matrix is a sum of
+  :math:`l` outer products :math:`\sum_a \phi_a \phi_a^\top` of the rows
+  :math:`\phi_a` of every group, unrolled over the rows (``n <= 8, l <= 128`` or
+  ``n <= 16, l <= 32``; on one device only, as the rows may be sharded); the product
+  :math:`\Phi_i M_i` is a sum of :math:`n` broadcast products, column :math:`d` of
+  :math:`\Phi_i` times row :math:`d` of :math:`M_i`, unrolled over the columns
+  (``n <= 8``). XLA fuses each into one elementwise loop over ``phi``, vectorised
+  across the groups, instead of a batch of :math:`4 \times 4` matmuls; a copy loop
+  (:func:`_materialize`) keeps the small matrices from being fused into, and
+  recomputed by, the loop over ``phi``. Products and sums are in the accumulation
+  dtype (float32 for bfloat16/float16), as ``preferred_element_type`` asks of the
+  dot; used only where the dot would run at full precision too (``HIGHEST``, or
+  float32 and float64 on CPU, where XLA ignores ``precision``), so the arithmetic is
+  the same and only the summation order differs.
 
 ``"einsum"``
   The definition itself, for empty arrays.
 
-The thresholds below were measured on a 2-core Sapphire Rapids CPU with
+The thresholds below were measured on a 2-core AVX-512 Xeon (a KVM guest) with
 ``benchmarks/bench_grad.py`` (see ``docs/performance.md``).
 """
 

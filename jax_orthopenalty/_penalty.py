@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from . import _contract
 from ._rules import Norm, Rule, Subgradient, make_rule
 
 __all__ = [
@@ -272,24 +273,14 @@ def _swap(a: jax.Array) -> jax.Array:
 
 
 def _gram(spec: Spec, phi: jax.Array, acc: Any) -> jax.Array:
-    return jnp.einsum(
-        spec.layout.gram_subscripts,
-        phi,
-        phi,
-        precision=spec.precision,
-        preferred_element_type=acc,
-    )
+    # The einsum over ``gram_subscripts``, in the formulation fastest for the shape.
+    return _contract.gram(spec.layout, phi, precision=spec.precision, acc=acc)
 
 
 def _apply(spec: Spec, phi: jax.Array, m: jax.Array) -> jax.Array:
     """Phi_i M_i for every group, in ``m``'s dtype."""
-    return jnp.einsum(
-        spec.layout.apply_subscripts,
-        phi.astype(m.dtype),
-        m,
-        precision=spec.precision,
-        preferred_element_type=m.dtype,
-    )
+    # The einsum over ``apply_subscripts``, in the formulation fastest for the shape.
+    return _contract.apply(spec.layout, phi, m, precision=spec.precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,25 +314,36 @@ def _row_block(spec: Spec, psi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Arr
     return jnp.sum(fy), dy
 
 
+@dataclasses.dataclass(frozen=True)
+class _Gram:
+    """The Gram matrix and the residual X the entrywise function is applied to."""
+
+    gram: jax.Array  # C = Phi_i^T Phi_i, (groups..., n, n)
+    x: jax.Array  # X = C - I, or D C D - I for normalize
+    eye: jax.Array  # I_n, broadcastable against x
+    inv_norm: jax.Array | None  # 1 / nu, (groups..., n), only for normalize
+    unit_diagonal: jax.Array | None  # where X_jj is exactly 0 by construction
+
+
+def _residual(spec: Spec, phi: jax.Array, acc: Any) -> _Gram:
+    gram = _gram(spec, phi, acc)
+    eye = _eye(gram.shape[-1], gram.ndim, acc)
+    if not spec.normalize:
+        return _Gram(gram, gram - eye, eye, None, None)
+    sq = jnp.diagonal(gram, axis1=-2, axis2=-1)
+    inv_norm = jax.lax.rsqrt(jnp.maximum(sq, NORMALIZE_EPS))
+    x = gram * inv_norm[..., :, None] * inv_norm[..., None, :] - eye
+    # A normalised column has |psi_j|^2 = 1 identically, so X_jj = 0 with zero
+    # derivative. Say so exactly instead of leaving 1 - |psi_j|^2 ~ 1e-16 to the
+    # kink's convention. NaN fails `sq > eps` and stays.
+    unit_diagonal = (eye == 1) & (sq > NORMALIZE_EPS)[..., None, :]
+    return _Gram(gram, jnp.where(unit_diagonal, 0, x), eye, inv_norm, unit_diagonal)
+
+
 def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     acc = accumulation_dtype(phi.dtype)
-    layout = spec.layout
-    gram = _gram(spec, phi, acc)
-    n = phi.shape[layout.column_axis]
-    eye = _eye(n, gram.ndim, acc)
-    inv_norm = None
-    unit_diagonal = None
-    if spec.normalize:
-        sq = jnp.diagonal(gram, axis1=-2, axis2=-1)
-        inv_norm = jax.lax.rsqrt(jnp.maximum(sq, NORMALIZE_EPS))
-        x = gram * inv_norm[..., :, None] * inv_norm[..., None, :] - eye
-        # A normalised column has |psi_j|^2 = 1 identically, so X_jj = 0 with zero
-        # derivative. Say so exactly instead of leaving 1 - |psi_j|^2 ~ 1e-16 to the
-        # kink's convention. NaN fails `sq > eps` and stays.
-        unit_diagonal = (eye == 1) & (sq > NORMALIZE_EPS)[..., None, :]
-        x = jnp.where(unit_diagonal, 0, x)
-    else:
-        x = gram - eye
+    g = _residual(spec, phi, acc)
+    x, eye, inv_norm, unit_diagonal = g.x, g.eye, g.inv_norm, g.unit_diagonal
     fx, f_prime = spec.rule.value(x), spec.rule.derivative(x)
     if unit_diagonal is not None:
         f_prime = jnp.where(unit_diagonal, 0, f_prime)
@@ -357,7 +359,7 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     return _Residual(
         total=total,
         f_prime=f_prime,
-        gram=gram if spec.normalize else None,
+        gram=g.gram if spec.normalize else None,
         inv_norm=inv_norm,
         row_f_prime=row_f_prime,
     )
@@ -657,23 +659,39 @@ def orthogonality_error(
     vector_axis: VectorAxis = 0,
     column_axis: int = -1,
     precision: Any = DEFAULT_PRECISION,
+    off_diagonal: bool = False,
+    normalize: bool = False,
 ) -> jax.Array:
-    r"""How far each group is from orthonormal: :math:`\max_{jk} |\Phi_i^\top\Phi_i - I|_{jk}`.
+    r"""How far each group is from orthonormal, for logging and tests.
 
-    For logging and tests. It is 0 exactly when the columns of :math:`\Phi_i` are
-    orthonormal; :math:`\epsilon` means every column norm² and every inner product
-    is within :math:`\epsilon` of the identity's.
+    .. math::
+
+        e_i = \max_{jk} \bigl|\Phi_i^\top\Phi_i - I\bigr|_{jk}
+
+    It is 0 exactly when the columns of :math:`\Phi_i` are orthonormal;
+    :math:`e_i \le \epsilon` means every squared column norm is within
+    :math:`\epsilon` of 1 and every inner product within :math:`\epsilon` of 0.
+    Log it with the options you train with: ``off_diagonal=True`` leaves the
+    diagonal out (the largest :math:`|\cos|` between columns with
+    ``normalize=True``), which is what a BigGAN- or Keras-style penalty drives to 0.
 
     Args:
       phi: the parameter tensor (see :func:`orthogonality_penalty`).
       vector_axis: the axis or axes of the vectors.
       column_axis: the axis of the columns.
       precision: the matmul precision, ``HIGHEST`` by default.
+      off_diagonal: leave the diagonal out (only the inner products count).
+      normalize: measure the unit-norm columns (cosines), as
+        :func:`orthogonality_penalty` does with ``normalize=True``.
 
     Returns:
       An array over the group axes, in their order in ``phi`` (a scalar for a 2-D
       ``phi``), in ``phi``'s dtype, or float32 for bfloat16 and float16 input.
-      An empty column axis gives 0.
+      An empty column axis gives 0. NaN in a group gives NaN for that group.
+
+    Raises:
+      ValueError, TypeError: for a bad layout or dtype, as
+        :func:`orthogonality_penalty`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -681,13 +699,22 @@ def orthogonality_error(
       >>> phi = jnp.stack([jnp.eye(2), jnp.array([[1.0, 0.5], [0.0, 1.0]])], axis=1)
       >>> jop.orthogonality_error(phi)                 # per group, shape (m,)
       Array([0. , 0.5], dtype=float32)
+      >>> jop.orthogonality_error(2 * jnp.eye(2), off_diagonal=True)   # angles only
+      Array(0., dtype=float32)
     """
     phi_arr = check_phi(phi)
-    layout = make_layout(phi_arr.ndim, vector_axis, column_axis)
-    spec = Spec(layout, make_rule("l1", "zero"), precision, False, False, False)
-    acc = accumulation_dtype(phi_arr.dtype)
-    gram = _gram(spec, phi_arr, acc)
-    x = jnp.abs(gram - _eye(gram.shape[-1], gram.ndim, acc))
+    spec = Spec(
+        layout=make_layout(phi_arr.ndim, vector_axis, column_axis),
+        rule=make_rule("l1", "zero"),
+        precision=precision,
+        off_diagonal=_check_flag("off_diagonal", off_diagonal),
+        normalize=_check_flag("normalize", normalize),
+        double_sided=False,
+    )
+    g = _residual(spec, phi_arr, accumulation_dtype(phi_arr.dtype))
+    x = jnp.abs(g.x)
+    if off_diagonal:
+        x = x * (1 - g.eye)  # a product: NaN on the diagonal still shows
     if x.shape[-1] == 0:
-        return jnp.zeros(x.shape[:-2], acc)
+        return jnp.zeros(x.shape[:-2], x.dtype)
     return jnp.max(x, axis=(-2, -1))

@@ -290,3 +290,28 @@ def test_double_sided_for_wide_and_tall_groups_is_documented_minimum():
         jnp.asarray(q, jnp.float32), norm="squared", double_sided=True
     )
     assert float(value) == 2.0
+
+
+@pytest.mark.parametrize(
+    ("off_diagonal", "normalize"), list(itertools.product([False, True], repeat=2))
+)
+def test_orthogonality_error_with_the_family_options(off_diagonal, normalize):
+    phi = RNG.normal(size=(5, 3, 4))
+    expected = []
+    for i in range(phi.shape[1]):
+        a = phi[:, i, :]
+        if normalize:
+            a = a / np.linalg.norm(a, axis=0)
+        x = np.abs(a.T @ a - np.eye(4))
+        if off_diagonal:
+            x = x * (1 - np.eye(4))
+        expected.append(x.max())
+    got = jop.orthogonality_error(phi, off_diagonal=off_diagonal, normalize=normalize)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_orthogonality_error_is_exactly_zero_where_the_family_penalty_is():
+    phi = jnp.asarray(np.diag([2.0, 3.0, 0.5]), jnp.float32)  # orthogonal, not normalised
+    assert float(jop.orthogonality_error(phi)) > 0
+    assert float(jop.orthogonality_error(phi, off_diagonal=True)) == 0.0
+    assert float(jop.orthogonality_error(phi, normalize=True)) == 0.0

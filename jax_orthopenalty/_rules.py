@@ -47,9 +47,8 @@ class deadzone:
     Args:
       tol: the half-width of the band, a finite float ``>= 0``.
 
-    Returns:
-      A convention to pass as ``subgradient=``: hashable and compared by value,
-      so equal tolerances share a jit cache entry.
+    The instance is the convention, to pass as ``subgradient=``. It is hashable
+    and compared by value, so equal tolerances share a jit cache entry.
 
     Raises:
       ValueError: if ``tol`` is negative, NaN or infinite.
@@ -96,9 +95,8 @@ class huber:
     Args:
       delta: the width of the quadratic zone, a finite float ``> 0``.
 
-    Returns:
-      A norm to pass as ``norm=``, with ``value`` and ``derivative`` methods;
-      hashable and compared by value.
+    The instance is the norm, to pass as ``norm=``, with ``value`` and
+    ``derivative`` methods. It is hashable and compared by value.
 
     Raises:
       ValueError: if ``delta`` is not positive and finite.

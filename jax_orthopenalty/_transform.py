@@ -67,7 +67,7 @@ class OrthoDims(NamedTuple):
       ``OrthoDims(vector_axis=1, column_axis=2)``; the layer axis is a group axis.
       (The default layout would take the layer axis for the vectors.)
 
-    Args:
+    Attributes:
       vector_axis: the axis of the vectors, or a tuple of axes flattened together
         (contracted in the Gram matrix). Default 0.
       column_axis: the axis that indexes the vectors of a group. Default -1.

@@ -59,11 +59,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 if TYPE_CHECKING:
     from ._penalty import Layout
 
-__all__ = ["Formulation", "apply", "choose", "gram"]
+__all__ = ["Formulation", "apply", "choose", "explicit_sharding", "gram", "on_columns"]
 
 Formulation = Literal["einsum", "batched", "halves", "unrolled"]
 
@@ -209,11 +210,39 @@ def _gram_dot(layout: Layout, x: jax.Array, y: jax.Array, precision: Any, acc: A
     )
 
 
-def _on_columns(layout: Layout, rows: jax.Array) -> jax.Array:
+def on_columns(layout: Layout, rows: jax.Array) -> jax.Array:
     """A ``(groups..., n)`` array in ``phi``'s axis order, size 1 on the vector axes."""
     order = (*layout.group_axes, layout.column_axis)
     perm = sorted(range(len(order)), key=order.__getitem__)
     return jnp.expand_dims(jnp.transpose(rows, perm), layout.vector_axes)
+
+
+def explicit_sharding(x: jax.Array) -> NamedSharding | None:
+    """``x``'s sharding where it is part of its type (an Explicit mesh axis), else None.
+
+    On an Explicit mesh a contraction over a sharded axis must say where its result
+    lives (``out_sharding``); the einsums do, so such input takes the einsum.
+    """
+    sharding = jax.typeof(x).sharding
+    if not isinstance(sharding, NamedSharding):
+        return None
+    mesh = sharding.mesh
+    if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return None
+    return sharding
+
+
+def group_out_sharding(layout: Layout, x: jax.Array, trailing: int) -> NamedSharding | None:
+    """For a contraction of ``x`` over its vector (or column) axes, on an Explicit mesh:
+    the result ``(groups..., *trailing)`` keeps the groups' sharding and is replicated on
+    the rest, so JAX inserts the reduction over a sharded vector axis."""
+    sharding = explicit_sharding(x)
+    if sharding is None:
+        return None
+    spec = (*sharding.spec, *(None,) * (x.ndim - len(sharding.spec)))
+    groups = (spec[a] for a in layout.group_axes)
+    out = PartitionSpec(*groups, *(None,) * trailing)  # type: ignore[no-untyped-call]
+    return NamedSharding(sharding.mesh, out)
 
 
 # --------------------------------------------------------------------------- gram
@@ -225,7 +254,12 @@ def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Arr
     Equal to ``jnp.einsum(layout.gram_subscripts, phi, phi, precision=precision,
     preferred_element_type=acc)`` up to the order of summation.
     """
-    how = "einsum" if phi.size == 0 else choose(layout, phi.shape, acc, precision, "gram")
+    explicit = explicit_sharding(phi) is not None
+    how = (
+        "einsum"
+        if phi.size == 0 or explicit
+        else choose(layout, phi.shape, acc, precision, "gram")
+    )
     if how == "unrolled":
         return _gram_unrolled(layout, phi, acc)
     if how == "batched":
@@ -233,7 +267,12 @@ def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Arr
     if how == "halves":
         return _gram_halves(layout, phi, precision, acc)
     return jnp.einsum(
-        layout.gram_subscripts, phi, phi, precision=precision, preferred_element_type=acc
+        layout.gram_subscripts,
+        phi,
+        phi,
+        precision=precision,
+        preferred_element_type=acc,
+        out_sharding=group_out_sharding(layout, phi, 2),
     )
 
 
@@ -320,14 +359,23 @@ def apply(layout: Layout, phi: jax.Array, m: jax.Array, *, precision: Any) -> ja
     Equal to ``jnp.einsum(layout.apply_subscripts, phi.astype(m.dtype), m,
     precision=precision, preferred_element_type=m.dtype)`` up to the order of summation.
     """
-    how = "einsum" if phi.size == 0 else choose(layout, phi.shape, m.dtype, precision, "apply")
+    explicit = explicit_sharding(phi)
+    if phi.size == 0 or explicit is not None:
+        how: Formulation = "einsum"
+    else:
+        how = choose(layout, phi.shape, m.dtype, precision, "apply")
     x = phi.astype(m.dtype)
     if how == "unrolled":
         return _apply_unrolled(layout, x, m)
     if how in ("batched", "halves"):
         return _apply_batched(layout, x, m, precision)
     return jnp.einsum(
-        layout.apply_subscripts, x, m, precision=precision, preferred_element_type=m.dtype
+        layout.apply_subscripts,
+        x,
+        m,
+        precision=precision,
+        preferred_element_type=m.dtype,
+        out_sharding=explicit,
     )
 
 
@@ -352,7 +400,7 @@ def _apply_unrolled(layout: Layout, x: jax.Array, m: jax.Array) -> jax.Array:
     total: jax.Array | None = None
     for d in range(x.shape[layout.column_axis]):
         column = lax.slice_in_dim(x, d, d + 1, axis=layout.column_axis)
-        term = column * _on_columns(layout, m[..., d, :])
+        term = column * on_columns(layout, m[..., d, :])
         total = term if total is None else total + term
     assert total is not None  # n >= 1: empty shapes take the einsum
     return total

@@ -305,6 +305,7 @@ def _row_block(spec: Spec, psi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Arr
         psi,
         precision=spec.precision,
         preferred_element_type=acc,
+        out_sharding=_contract.group_out_sharding(layout, psi, 2 * len(layout.vector_axes)),
     )
     eye = jnp.eye(lsize, dtype=acc).reshape((1,) * len(layout.group_axes) + vec_shape + vec_shape)
     y = row - eye
@@ -367,14 +368,7 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
 
 def _normalized(spec: Spec, phi: jax.Array, inv_norm: jax.Array) -> jax.Array:
     """Psi = Phi D: ``inv_norm`` broadcast back onto phi's column axis."""
-    return phi.astype(inv_norm.dtype) * _on_columns(spec.layout, inv_norm)
-
-
-def _on_columns(layout: Layout, per_column: jax.Array) -> jax.Array:
-    """Moves a (groups..., n) array into phi's axis order, size 1 on the vector axes."""
-    order = (*layout.group_axes, layout.column_axis)
-    perm = sorted(range(len(order)), key=order.__getitem__)
-    return jnp.expand_dims(jnp.transpose(per_column, perm), layout.vector_axes)
+    return phi.astype(inv_norm.dtype) * _contract.on_columns(spec.layout, inv_norm)
 
 
 def _backward(spec: Spec, phi: jax.Array, res: _Residual, scale: jax.Array) -> jax.Array:
@@ -402,7 +396,9 @@ def _backward(spec: Spec, phi: jax.Array, res: _Residual, scale: jax.Array) -> j
     psi = _normalized(spec, phi, r)
     g = _apply(spec, psi, w) + _left(spec, scale, res.row_f_prime, psi)
     dots = jnp.sum(phi_acc * g, axis=spec.layout.vector_axes, keepdims=True)
-    return g * _on_columns(spec.layout, r) - phi_acc * dots * _on_columns(spec.layout, live * r**3)
+    return g * _contract.on_columns(spec.layout, r) - phi_acc * dots * _contract.on_columns(
+        spec.layout, live * r**3
+    )
 
 
 def _left(spec: Spec, scale: jax.Array, row_f_prime: jax.Array, psi: jax.Array) -> jax.Array:
@@ -417,6 +413,7 @@ def _left(spec: Spec, scale: jax.Array, row_f_prime: jax.Array, psi: jax.Array) 
         psi,
         precision=spec.precision,
         preferred_element_type=h.dtype,
+        out_sharding=_contract.explicit_sharding(psi),
     )
 
 

@@ -378,14 +378,6 @@ def test_two_dimensional_mesh() -> None:
     assert rec["out_specs"] == ["P('model', 'data')"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (jax_orthopenalty/_penalty.py): under an Explicit-axes mesh (the default of "
-        "jax.make_mesh in jax 0.10) the Gram einsum contracts a sharded axis without "
-        "out_sharding and raises ShardingTypeError; see docs/scale.md."
-    ),
-)
 @pytest.mark.parametrize("where", ["vector", "column"])
 @pytest.mark.parametrize("what", ["value", "grad", "closed"])
 def test_explicit_mesh_contracted_sharding(where: str, what: str) -> None:

@@ -292,6 +292,7 @@ class _Residual:
     gram: jax.Array | None  # C, kept only for normalize
     inv_norm: jax.Array | None  # 1 / nu, (groups..., n), only for normalize
     row_f_prime: jax.Array | None  # f'(Y) for double_sided, (groups..., *vec, *vec)
+    col_scale: jax.Array | None  # normalize: the exact power of 2 phi was scaled by
 
 
 def _row_block(spec: Spec, psi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Array]:
@@ -326,6 +327,30 @@ class _Gram:
     unit_diagonal: jax.Array | None  # where X_jj is exactly 0 by construction
 
 
+def _column_scale(layout: Layout, phi: jax.Array, acc: Any) -> jax.Array:
+    """For ``normalize``: a power of two that brings a column's largest |entry| below 2^32.
+
+    Cosines do not change when a column is scaled, and a power of two scales exactly,
+    so the normalised penalty runs on ``phi * scale``, where |phi_j|^2 cannot overflow
+    (float32 overflows from column norms of 2^64). Columns below 2^32 keep the scale 1;
+    the scale of the others is 2^(32 - e) >= 2^-96 for a largest entry in
+    [2^(e-1), 2^e): a normal number, which flush-to-zero leaves alone. NaN and Inf
+    fail the test and keep the scale 1, so they still propagate. Shaped to broadcast
+    against ``phi``.
+    """
+    big = jnp.max(jnp.abs(phi), axis=layout.vector_axes, keepdims=True, initial=0).astype(acc)
+    _, e = jnp.frexp(big)
+    return jnp.ldexp(jnp.ones(big.shape, phi.dtype), jnp.where(big >= 2.0**32, 32 - e, 0))
+
+
+def _for_normalize(spec: Spec, phi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Array | None]:
+    """``phi`` scaled per column for ``normalize`` (see :func:`_column_scale`), and the scale."""
+    if not spec.normalize:
+        return phi, None
+    col_scale = _column_scale(spec.layout, phi, acc)
+    return phi * col_scale, col_scale
+
+
 def _residual(spec: Spec, phi: jax.Array, acc: Any) -> _Gram:
     gram = _gram(spec, phi, acc)
     eye = _eye(gram.shape[-1], gram.ndim, acc)
@@ -343,6 +368,7 @@ def _residual(spec: Spec, phi: jax.Array, acc: Any) -> _Gram:
 
 def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     acc = accumulation_dtype(phi.dtype)
+    phi, col_scale = _for_normalize(spec, phi, acc)
     g = _residual(spec, phi, acc)
     x, eye, inv_norm, unit_diagonal = g.x, g.eye, g.inv_norm, g.unit_diagonal
     fx, f_prime = spec.rule.value(x), spec.rule.derivative(x)
@@ -363,6 +389,7 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
         gram=g.gram if spec.normalize else None,
         inv_norm=inv_norm,
         row_f_prime=row_f_prime,
+        col_scale=col_scale,
     )
 
 
@@ -380,6 +407,14 @@ def _backward(spec: Spec, phi: jax.Array, res: _Residual, scale: jax.Array) -> j
             assert res.row_f_prime is not None
             grad = grad + _left(spec, scale, res.row_f_prime, phi.astype(w.dtype))
         return grad
+    assert res.gram is not None and res.inv_norm is not None and res.col_scale is not None
+    # The forward pass ran on phi * s (s per column, exact): d/dphi = s d/d(phi s).
+    return res.col_scale * _normalized_backward(spec, phi * res.col_scale, res, w, scale)
+
+
+def _normalized_backward(
+    spec: Spec, phi: jax.Array, res: _Residual, w: jax.Array, scale: jax.Array
+) -> jax.Array:
     assert res.gram is not None and res.inv_norm is not None
     r = res.inv_norm
     # Through Psi = Phi D with nu = sqrt(max(C_jj, eps)); d nu / d phi is 0 where
@@ -446,7 +481,7 @@ _penalty.defvjp(_penalty_fwd, _penalty_bwd)
 
 jax.tree_util.register_dataclass(
     _Residual,
-    data_fields=["total", "f_prime", "gram", "inv_norm", "row_f_prime"],
+    data_fields=["total", "f_prime", "gram", "inv_norm", "row_f_prime", "col_scale"],
     meta_fields=[],
 )
 
@@ -708,7 +743,8 @@ def orthogonality_error(
         normalize=_check_flag("normalize", normalize),
         double_sided=False,
     )
-    g = _residual(spec, phi_arr, accumulation_dtype(phi_arr.dtype))
+    acc = accumulation_dtype(phi_arr.dtype)
+    g = _residual(spec, _for_normalize(spec, phi_arr, acc)[0], acc)
     x = jnp.abs(g.x)
     if off_diagonal:
         x = x * (1 - g.eye)  # a product: NaN on the diagonal still shows

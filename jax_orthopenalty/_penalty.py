@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from . import _contract
@@ -132,8 +133,10 @@ class Layout:
 
 
 def _normalize_axis(name: str, axis: object, ndim: int) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int):
+    # Python and NumPy integers, as jnp.sum takes them; bools are not axes.
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"`{name}` must be an int, got {axis!r} of type {type(axis).__name__}.")
+    axis = int(axis)
     if not -ndim <= axis < ndim:
         raise ValueError(
             f"`{name}`={axis} is out of range for phi of rank {ndim} "

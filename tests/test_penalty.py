@@ -416,6 +416,17 @@ def test_bad_layout_raises_in_orthogonality_error():
         jop.orthogonality_error(np.ones((3, 2), np.int8))
 
 
+def test_numpy_integer_axes_are_accepted():
+    phi = RNG.normal(size=(3, 4, 2)).astype(np.float32)
+    expected = float(jop.orthogonality_penalty(phi, vector_axis=(0, 1), column_axis=2))
+    got = jop.orthogonality_penalty(
+        phi, vector_axis=(np.int64(0), np.int32(1)), column_axis=np.int8(-1)
+    )
+    assert float(got) == expected
+    with pytest.raises(TypeError, match="`vector_axis` must be an int"):
+        jop.orthogonality_penalty(phi, vector_axis=np.bool_(False))
+
+
 def test_python_lists_are_accepted():
     assert float(jop.orthogonality_penalty([[1.0, 0.0], [0.0, 1.0]])) == 0.0
 

@@ -293,13 +293,12 @@ def _gram_halves(layout: Layout, phi: jax.Array, precision: Any, acc: Any) -> ja
     aa, bb = _gram_dot(layout, a, a, precision, acc), _gram_dot(layout, b, b, precision, acc)
     ab = _gram_dot(layout, a, b, precision, acc)
     return jnp.concatenate(
-        [jnp.concatenate([aa, ab], axis=-1), jnp.concatenate([_swap(ab), bb], axis=-1)],
+        [
+            jnp.concatenate([aa, ab], axis=-1),
+            jnp.concatenate([jnp.swapaxes(ab, -1, -2), bb], axis=-1),
+        ],
         axis=-2,
     )
-
-
-def _swap(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
 
 
 def _gram_unrolled(layout: Layout, phi: jax.Array, acc: Any) -> jax.Array:

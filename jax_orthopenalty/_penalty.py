@@ -323,6 +323,8 @@ def _row_block(spec: Spec, psi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Arr
 class _Gram:
     """The Gram matrix and the residual X the entrywise function is applied to."""
 
+    phi: jax.Array  # the Phi the Gram was formed from: scaled by col_scale for normalize
+    col_scale: jax.Array | None  # normalize: the exact power of 2 per column, else None
     gram: jax.Array  # C = Phi_i^T Phi_i, (groups..., n, n)
     x: jax.Array  # X = C - I, or D C D - I for normalize
     eye: jax.Array  # I_n, broadcastable against x
@@ -346,19 +348,15 @@ def _column_scale(layout: Layout, phi: jax.Array, acc: Any) -> jax.Array:
     return jnp.ldexp(jnp.ones(big.shape, phi.dtype), jnp.where(big >= 2.0**32, 32 - e, 0))
 
 
-def _for_normalize(spec: Spec, phi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Array | None]:
-    """``phi`` scaled per column for ``normalize`` (see :func:`_column_scale`), and the scale."""
-    if not spec.normalize:
-        return phi, None
-    col_scale = _column_scale(spec.layout, phi, acc)
-    return phi * col_scale, col_scale
-
-
 def _residual(spec: Spec, phi: jax.Array, acc: Any) -> _Gram:
+    if not spec.normalize:
+        gram = _gram(spec, phi, acc)
+        eye = _eye(gram.shape[-1], gram.ndim, acc)
+        return _Gram(phi, None, gram, gram - eye, eye, None, None)
+    col_scale = _column_scale(spec.layout, phi, acc)
+    phi = phi * col_scale
     gram = _gram(spec, phi, acc)
     eye = _eye(gram.shape[-1], gram.ndim, acc)
-    if not spec.normalize:
-        return _Gram(gram, gram - eye, eye, None, None)
     sq = jnp.diagonal(gram, axis1=-2, axis2=-1)
     inv_norm = jax.lax.rsqrt(jnp.maximum(sq, NORMALIZE_EPS))
     x = gram * inv_norm[..., :, None] * inv_norm[..., None, :] - eye
@@ -366,12 +364,12 @@ def _residual(spec: Spec, phi: jax.Array, acc: Any) -> _Gram:
     # derivative. Say so exactly instead of leaving 1 - |psi_j|^2 ~ 1e-16 to the
     # kink's convention. NaN fails `sq > eps` and stays.
     unit_diagonal = (eye == 1) & (sq > NORMALIZE_EPS)[..., None, :]
-    return _Gram(gram, jnp.where(unit_diagonal, 0, x), eye, inv_norm, unit_diagonal)
+    x = jnp.where(unit_diagonal, 0, x)
+    return _Gram(phi, col_scale, gram, x, eye, inv_norm, unit_diagonal)
 
 
 def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     acc = accumulation_dtype(phi.dtype)
-    phi, col_scale = _for_normalize(spec, phi, acc)
     g = _residual(spec, phi, acc)
     x, eye, inv_norm, unit_diagonal = g.x, g.eye, g.inv_norm, g.unit_diagonal
     fx, f_prime = spec.rule.value(x), spec.rule.derivative(x)
@@ -383,7 +381,7 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     total = jnp.sum(fx)
     row_f_prime = None
     if spec.double_sided:
-        psi = phi if inv_norm is None else _normalized(spec, phi, inv_norm)
+        psi = phi if inv_norm is None else _normalized(spec, g.phi, inv_norm)
         row_total, row_f_prime = _row_block(spec, psi, acc)
         total = total + row_total
     return _Residual(
@@ -392,7 +390,7 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
         gram=g.gram if spec.normalize else None,
         inv_norm=inv_norm,
         row_f_prime=row_f_prime,
-        col_scale=col_scale,
+        col_scale=g.col_scale,
     )
 
 
@@ -410,7 +408,7 @@ def _backward(spec: Spec, phi: jax.Array, res: _Residual, scale: jax.Array) -> j
             assert res.row_f_prime is not None
             grad = grad + _left(spec, scale, res.row_f_prime, phi.astype(w.dtype))
         return grad
-    assert res.gram is not None and res.inv_norm is not None and res.col_scale is not None
+    assert res.col_scale is not None
     # The forward pass ran on phi * s (s per column, exact): d/dphi = s d/d(phi s).
     return res.col_scale * _normalized_backward(spec, phi * res.col_scale, res, w, scale)
 
@@ -747,7 +745,7 @@ def orthogonality_error(
         double_sided=False,
     )
     acc = accumulation_dtype(phi_arr.dtype)
-    g = _residual(spec, _for_normalize(spec, phi_arr, acc)[0], acc)
+    g = _residual(spec, phi_arr, acc)
     x = jnp.abs(g.x)
     if off_diagonal:
         x = x * (1 - g.eye)  # a product: NaN on the diagonal still shows

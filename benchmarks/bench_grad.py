@@ -233,7 +233,7 @@ def run_regime(
     if "torch" in t:
         ratios["torch/grad"] = t["torch"] / t["grad"]
 
-    layout = jop._penalty.make_layout(3, 0, -1)
+    layout = jop._layout.make_layout(3, 0, -1)
     phi_bytes = phi.nbytes
     gram_bytes = m * n * n * 4
     memory_report: dict[str, Any] = {

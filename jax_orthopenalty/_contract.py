@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +61,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-if TYPE_CHECKING:
-    from ._penalty import Layout
+from ._layout import Layout
 
 __all__ = ["Formulation", "apply", "choose", "explicit_sharding", "gram", "on_columns"]
 

@@ -1,4 +1,4 @@
-r"""The orthogonality penalty: layout, Gram residual, value, closed-form gradient.
+r"""Steps 2-4 of the data path: Gram residual, entrywise rule, one matmul; the custom_vjp.
 
 Notation, for one group :math:`\Phi_i` (an :math:`l \times n` matrix whose columns are
 the vectors that should be orthonormal):
@@ -29,239 +29,33 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import string
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from . import _contract
-from ._rules import Norm, Rule, Subgradient, make_rule
+from ._layout import (
+    DEFAULT_PRECISION,
+    NORMALIZE_EPS,
+    Layout,
+    Spec,
+    VectorAxis,
+    accumulation_dtype,
+    check_beta,
+    check_flag,
+    check_phi,
+    make_layout,
+    make_spec,
+)
+from ._rules import Norm, Subgradient, make_rule
 
 __all__ = [
-    "DEFAULT_PRECISION",
-    "NORMALIZE_EPS",
-    "Layout",
-    "Spec",
-    "make_spec",
     "orthogonality_error",
     "orthogonality_penalty",
     "orthogonality_penalty_grad",
 ]
-
-DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
-"""The default matmul precision of the Gram matrix: full float32 on GPU and TPU."""
-
-NORMALIZE_EPS = 1e-12
-r"""``normalize=True`` divides column :math:`j` by :math:`\sqrt{\max(|\phi_j|^2, 10^{-12})}`,
-as ``tf.math.l2_normalize`` (and so Keras' ``OrthogonalRegularizer``) does."""
-
-VectorAxis = int | Sequence[int]
-
-
-# --------------------------------------------------------------------------- layout
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Which axes of ``phi`` are vectors, columns and groups; all non-negative."""
-
-    ndim: int
-    vector_axes: tuple[int, ...]
-    column_axis: int
-
-    @property
-    def group_axes(self) -> tuple[int, ...]:
-        used = {*self.vector_axes, self.column_axis}
-        return tuple(a for a in range(self.ndim) if a not in used)
-
-    # einsum subscripts: one letter per axis of phi; the column axis gets a second
-    # letter for the other side of the Gram matrix.
-    @functools.cached_property
-    def _letters(self) -> str:
-        return string.ascii_letters[: self.ndim]
-
-    @functools.cached_property
-    def _column_twin(self) -> str:
-        return string.ascii_letters[self.ndim]
-
-    def _with(self, axis: int, letter: str) -> str:
-        s = list(self._letters)
-        s[axis] = letter
-        return "".join(s)
-
-    @functools.cached_property
-    def gram_subscripts(self) -> str:
-        """``phi, phi -> (groups..., n, n)``."""
-        groups = "".join(self._letters[a] for a in self.group_axes)
-        c, d = self._letters[self.column_axis], self._column_twin
-        return f"{self._letters},{self._with(self.column_axis, d)}->{groups}{c}{d}"
-
-    @functools.cached_property
-    def apply_subscripts(self) -> str:
-        """``phi, (groups..., n, n) -> phi``: the right product Phi_i M_i."""
-        groups = "".join(self._letters[a] for a in self.group_axes)
-        c, d = self._letters[self.column_axis], self._column_twin
-        return f"{self._with(self.column_axis, d)},{groups}{d}{c}->{self._letters}"
-
-    @functools.cached_property
-    def _vector_twins(self) -> str:
-        return string.ascii_letters[self.ndim + 1 : self.ndim + 1 + len(self.vector_axes)]
-
-    def _with_vector_twins(self) -> str:
-        s = list(self._letters)
-        for a, t in zip(self.vector_axes, self._vector_twins, strict=True):
-            s[a] = t
-        return "".join(s)
-
-    @functools.cached_property
-    def row_gram_subscripts(self) -> str:
-        """``phi, phi -> (groups..., *vector, *vector)``: Phi_i Phi_i^T."""
-        groups = "".join(self._letters[a] for a in self.group_axes)
-        vec = "".join(self._letters[a] for a in self.vector_axes)
-        return f"{self._letters},{self._with_vector_twins()}->{groups}{vec}{self._vector_twins}"
-
-    @functools.cached_property
-    def left_apply_subscripts(self) -> str:
-        """``(groups..., *vector, *vector), phi -> phi``: the left product H_i Phi_i."""
-        groups = "".join(self._letters[a] for a in self.group_axes)
-        vec = "".join(self._letters[a] for a in self.vector_axes)
-        return f"{groups}{vec}{self._vector_twins},{self._with_vector_twins()}->{self._letters}"
-
-
-def _normalize_axis(name: str, axis: object, ndim: int) -> int:
-    # Python and NumPy integers, as jnp.sum takes them; bools are not axes.
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int, got {axis!r} of type {type(axis).__name__}.")
-    axis = int(axis)
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"`{name}`={axis} is out of range for phi of rank {ndim} "
-            f"(expected -{ndim} <= axis < {ndim})."
-        )
-    return axis % ndim
-
-
-def make_layout(ndim: int, vector_axis: VectorAxis, column_axis: int) -> Layout:
-    """Validates the axes for a ``phi`` of rank ``ndim``."""
-    if ndim < 2:
-        raise ValueError(
-            f"`phi` must have rank >= 2 (vectors and columns), got rank {ndim}. "
-            "A single vector is not a group: reshape it to (l, 1)."
-        )
-    if isinstance(vector_axis, (tuple, list)):
-        if not vector_axis:
-            raise ValueError("`vector_axis` must be an int or a non-empty tuple of ints, got ().")
-        vector_axes = tuple(_normalize_axis("vector_axis", a, ndim) for a in vector_axis)
-        if len(set(vector_axes)) != len(vector_axes):
-            raise ValueError(f"`vector_axis`={tuple(vector_axis)} names an axis twice.")
-    else:
-        vector_axes = (_normalize_axis("vector_axis", vector_axis, ndim),)
-    column = _normalize_axis("column_axis", column_axis, ndim)
-    if column in vector_axes:
-        raise ValueError(
-            f"`column_axis`={column_axis} overlaps `vector_axis`={vector_axis}: "
-            "an axis is either contracted (vector) or indexes the columns, not both."
-        )
-    return Layout(ndim, vector_axes, column)
-
-
-# --------------------------------------------------------------------------- options
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """Everything static about one penalty: hashable, so it is a static argument."""
-
-    layout: Layout
-    rule: Rule
-    precision: Any
-    off_diagonal: bool
-    normalize: bool
-    double_sided: bool
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a Python bool, got {value!r}.")
-    return value
-
-
-def make_spec(
-    phi: jax.Array,
-    *,
-    vector_axis: VectorAxis,
-    column_axis: int,
-    norm: Norm,
-    subgradient: Subgradient,
-    precision: Any,
-    off_diagonal: bool,
-    normalize: bool,
-    double_sided: bool,
-) -> Spec:
-    """Validates every static option against ``phi`` (at trace time)."""
-    spec = Spec(
-        layout=make_layout(phi.ndim, vector_axis, column_axis),
-        rule=make_rule(norm, subgradient),
-        precision=precision,
-        off_diagonal=_check_flag("off_diagonal", off_diagonal),
-        normalize=_check_flag("normalize", normalize),
-        double_sided=_check_flag("double_sided", double_sided),
-    )
-    if not isinstance(norm, str) or norm == "l1":
-        _check_derivative_shape(spec.rule, subgradient)
-    return spec
-
-
-def _check_derivative_shape(rule: Rule, subgradient: Subgradient) -> None:
-    probe = jax.ShapeDtypeStruct((2, 3), jnp.float32)  # type: ignore[no-untyped-call]
-    out = jax.eval_shape(rule.derivative, probe)
-    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != probe.shape:
-        got = getattr(out, "shape", type(out).__name__)
-        raise TypeError(
-            f"`subgradient` {subgradient!r} must map an array x to an array of x's shape, "
-            f"got {got} for an input of shape {probe.shape}."
-        )
-
-
-def check_phi(phi: ArrayLike) -> jax.Array:
-    """Converts ``phi`` to an array and checks that its dtype is real floating."""
-    if not hasattr(phi, "dtype"):
-        phi = jnp.asarray(phi, dtype=float)
-    dtype = jnp.dtype(phi.dtype)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        raise TypeError(
-            f"`phi` must be real floating point, got {dtype}. Complex Phi^H Phi is not "
-            "supported: penalise the real representation [[Re, -Im], [Im, Re]] instead."
-        )
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"`phi` must have a floating dtype (float16, bfloat16, float32, float64), got {dtype}."
-        )
-    return jnp.asarray(phi)
-
-
-def check_beta(beta: ArrayLike, acc: jnp.dtype) -> jax.Array:
-    """Converts ``beta`` to a scalar array; integers become ``acc``."""
-    if isinstance(beta, bool):
-        raise TypeError(f"`beta` must be a real scalar, got {beta!r}.")
-    beta_arr = jnp.asarray(beta)
-    if beta_arr.ndim != 0:
-        raise ValueError(f"`beta` must be a scalar, got an array of shape {beta_arr.shape}.")
-    if jnp.issubdtype(beta_arr.dtype, jnp.complexfloating) or beta_arr.dtype == bool:
-        raise TypeError(f"`beta` must be a real scalar, got dtype {beta_arr.dtype}.")
-    if not jnp.issubdtype(beta_arr.dtype, jnp.floating):
-        beta_arr = beta_arr.astype(acc)
-    return beta_arr
-
-
-def accumulation_dtype(dtype: Any) -> jnp.dtype:
-    """float32 for the half types; the dtype itself otherwise."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- math
@@ -740,8 +534,8 @@ def orthogonality_error(
         layout=make_layout(phi_arr.ndim, vector_axis, column_axis),
         rule=make_rule("l1", "zero"),
         precision=precision,
-        off_diagonal=_check_flag("off_diagonal", off_diagonal),
-        normalize=_check_flag("normalize", normalize),
+        off_diagonal=check_flag("off_diagonal", off_diagonal),
+        normalize=check_flag("normalize", normalize),
         double_sided=False,
     )
     acc = accumulation_dtype(phi_arr.dtype)

@@ -28,12 +28,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from ._penalty import (
-    DEFAULT_PRECISION,
-    check_beta,
-    orthogonality_penalty,
-    orthogonality_penalty_grad,
-)
+from ._layout import DEFAULT_PRECISION, check_beta
+from ._penalty import orthogonality_penalty, orthogonality_penalty_grad
 from ._rules import Norm, Subgradient
 
 __all__ = [

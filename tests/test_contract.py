@@ -20,7 +20,7 @@ import pytest
 
 import jax_orthopenalty as jop
 from jax_orthopenalty import _contract
-from jax_orthopenalty._penalty import make_layout
+from jax_orthopenalty._layout import make_layout
 
 from reference import penalty_and_grad
 

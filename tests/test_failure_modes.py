@@ -8,6 +8,7 @@ state, bitwise determinism, no leaked jax config.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -458,14 +459,14 @@ _CONSTANT_CONTAINERS = {"_NAMED_SUBGRADIENTS"}
 
 
 def _package_modules() -> list[types.ModuleType]:
-    names = ["jax_orthopenalty", "jax_orthopenalty._penalty", "jax_orthopenalty._rules"]
-    for extra in ("jax_orthopenalty._transform",):
-        try:
-            importlib.import_module(extra)
-        except ImportError:
-            continue
-        names.append(extra)
-    return [importlib.import_module(n) for n in names]
+    import jax_orthopenalty
+
+    names = [
+        f"jax_orthopenalty.{m.name}"
+        for m in pkgutil.iter_modules(jax_orthopenalty.__path__)
+        if m.name != "__main__"
+    ]
+    return [jax_orthopenalty, *(importlib.import_module(n) for n in names)]
 
 
 def _mutable_globals() -> dict[str, Any]:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "SQUARED",
     "Norm",
     "Rule",
     "Subgradient",
@@ -193,6 +194,10 @@ class Rule:
     derivative: Callable[[jax.Array], jax.Array]
 
 
+SQUARED = Rule(_square, _twice)
+"""The ``"squared"`` norm's rule (its double-sided term has an exact n x n form)."""
+
+
 def make_rule(norm: Norm, subgradient: Subgradient) -> Rule:
     """Validates ``norm`` and ``subgradient`` and returns their :class:`Rule`.
 
@@ -207,7 +212,7 @@ def make_rule(norm: Norm, subgradient: Subgradient) -> Rule:
         if norm == "l1":
             return Rule(jnp.abs, derivative)
         if norm == "squared":
-            return Rule(_square, _twice)
+            return SQUARED
         raise ValueError(
             f"`norm` must be 'l1', 'squared' or jax_orthopenalty.huber(delta), got {norm!r}."
         )

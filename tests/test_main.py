@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jax_orthopenalty.__main__ import main
+from jax_orthopenalty.demo import main
 
 TINY = ["--shape", "6", "3", "2", "--steps", "150", "--samples", "32", "--seed", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -69,7 +69,7 @@ def test_demo_trains_compares_and_writes_png(
     assert kink['"positive"'] == kink["jax.grad(plain |.|)"]
 
     # 4. The plot is a real PNG at the path printed.
-    assert f"wrote {png}" in out
+    assert f"wrote the plot to {png}" in out
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     assert png.stat().st_size > 10_000
 

@@ -86,6 +86,7 @@ def test_demo_without_matplotlib_skips_the_plot(
     assert main([*TINY, "--no-compare", "--output", str(png)]) == 0
     out = capsys.readouterr().out
     assert "matplotlib is not installed, so no plot was written" in out
+    assert 'pip install "jax_orthopenalty[demo]"' in out  # and how to get it
     assert "wrote" not in out
     assert not png.exists()
     rows = _step_table(out)

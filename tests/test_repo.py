@@ -92,7 +92,7 @@ def test_readme_demo_command_writes_the_png_in_a_fresh_checkout(tmp_path: Path):
     clone = _fresh_checkout(tmp_path / "clone")
     *_, run = _demo_command()
     argv = [sys.executable, *shlex.split(run)[1:]]
-    env = {**os.environ, "PYTHONPATH": ""}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = subprocess.run(
         [sys.executable, "-c", "import jax_orthopenalty as j; print(j.__file__)"],
         cwd=clone,

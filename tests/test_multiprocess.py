@@ -448,27 +448,10 @@ def test_optax_group_sharded(run: dict[str, Any], reference: dict[str, Any]) -> 
     assert rec["collectives"] == [], rec
 
 
-class BetaCotangentVma(Exception):
-    """The known shard_map failure: the custom_vjp's bwd gives beta's cotangent the
-    wrong varying-manual-axes type."""
-
-
-@pytest.mark.xfail(
-    raises=BetaCotangentVma,
-    strict=True,
-    reason="beta cotangent vma: jax.grad of the penalty inside jax.shard_map returns "
-    "beta's cotangent as float32[]{V:x} for a float32[] beta (the lead's fix)",
-)
 def test_shard_map_grad(run: dict[str, Any], reference: dict[str, Any]) -> None:
-    """jax.grad of the penalty inside jax.shard_map, over both processes."""
-    try:
-        got = _gathered(run, "shard-map-grad")
-    except CaseFailed as e:
-        # Only the known error counts as the expected failure; any other fails.
-        if "bwd rule" in str(e) and "manual axis types do not match" in str(e):
-            raise BetaCotangentVma(str(e)) from e
-        raise AssertionError(str(e)) from e
-    _assert_close(got, reference["grad"])
+    """jax.grad of the penalty inside jax.shard_map, over both processes: each shard's
+    penalty is a per-shard value, and beta's cotangent is reduced by autodiff."""
+    _assert_close(_gathered(run, "shard-map-grad"), reference["grad"])
 
 
 if __name__ == "__main__":

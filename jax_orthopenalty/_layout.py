@@ -279,6 +279,10 @@ def check_beta(beta: ArrayLike, acc: jnp.dtype) -> jax.Array:
             beta = float(beta)
         except OverflowError:
             raise ValueError(f"`beta`={beta} is too large for a float.") from None
+    if isinstance(beta, float) and not abs(beta) <= float(np.finfo(jnp.result_type(float)).max):
+        raise ValueError(
+            f"`beta` must be finite and >= 0 (in {jnp.result_type(float)}), got {beta!r}."
+        )
     try:
         beta_arr = jnp.asarray(beta)
     except (TypeError, ValueError, OverflowError) as e:

@@ -431,8 +431,10 @@ def orthogonality_penalty(
 
     Args:
       phi: the parameter tensor, rank >= 2, real floating dtype.
-      beta: the strength :math:`\beta`: a Python float or a scalar array, which may
-        be traced (a schedule). Its gradient is the unscaled penalty.
+      beta: the strength :math:`\beta`: a Python float or int, a NumPy or JAX
+        scalar, weak- or strong-typed, which may be traced (a schedule). Its
+        gradient is the unscaled penalty. A concrete ``beta`` must be finite and
+        ``>= 0``; a traced one is not checked (NaN in it propagates).
       vector_axis: the axis (or tuple of axes, flattened together, for example a
         conv kernel's ``(0, 1, 2)``) of the :math:`l`-vectors: contracted in the Gram.
       column_axis: the axis that indexes the :math:`n` vectors of a group. Every axis
@@ -456,16 +458,30 @@ def orthogonality_penalty(
         :math:`X_{jj} = -1`, with a finite gradient.
       double_sided: also add :math:`\sum f(\Phi_i\Phi_i^\top - I_l)` (DSO). It can
         only be 0 for square groups (:math:`l = n`); for :math:`l \neq n` its
-        minimum is positive and it pulls towards a tight frame.
+        minimum is positive and it pulls towards a tight frame. Memory: with
+        ``norm="squared"`` it comes from the :math:`n \times n` residual exactly
+        (:math:`\lVert\Phi_i\Phi_i^\top - I_l\rVert^2 = \lVert X_i\rVert^2 + l - n`);
+        the other norms form an :math:`l \times l` residual per group, :math:`m l^2`
+        numbers.
 
     Returns:
       The scalar penalty, in ``phi``'s dtype (accumulated in float32 for
       bfloat16 and float16).
 
+    Non-finite input and overflow: NaN and Inf in ``phi`` reach the value and the
+    gradient. A group whose Gram residual leaves float range (column norms beyond
+    about :math:`2^{64}` in float32 and bfloat16) gets the value ``inf`` (or NaN) and
+    a NaN gradient: exact or non-finite, never finite and wrong. Inside
+    :func:`jax.shard_map` the penalty of a shard is that shard's groups' penalty, a
+    per-shard value to ``psum``; ``beta``'s gradient is summed over the shards.
+
     Raises:
-      ValueError: rank < 2, axes out of range or overlapping, a non-scalar
-        ``beta``, an unknown ``norm`` or ``subgradient`` name.
-      TypeError: a non-floating or complex ``phi``, options of the wrong type.
+      ValueError: rank < 2 (or beyond the einsum letters), axes out of range or
+        overlapping, a non-scalar ``beta``, a concrete ``beta`` that is negative,
+        NaN or infinite, an unknown ``norm`` or ``subgradient`` name.
+      TypeError: a non-floating or complex ``phi``, a ``beta`` that is not a real
+        number, options of the wrong type, a ``subgradient`` whose output at the
+        residual's shape has another shape or a non-floating dtype.
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -198,3 +198,13 @@ def test_page_code_runs(page: str) -> None:
         for i, block in enumerate(blocks):
             code = compile(block, f"docs/{page}[block {i}]", "exec")
             exec(code, namespace)
+
+
+def test_scale_page_single_process_blocks_run() -> None:
+    """docs/scale.md's blocks that need no second process (the multi-host one calls
+    jax.distributed.initialize and is run for real by tests/test_multiprocess.py)."""
+    blocks = [b for b in _python_blocks((DOCS / "scale.md").read_text()) if "distributed" not in b]
+    assert any("shard_map" in b for b in blocks)
+    namespace: dict[str, object] = {"__name__": "docs_scale"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/scale.md[block {i}]", "exec"), namespace)

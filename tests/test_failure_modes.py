@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -568,3 +569,160 @@ def test_bitwise_deterministic(family: dict[str, bool]) -> None:
     for first, second in ((runs[0], runs[1]), (runs[2], runs[3]), (runs[2], runs[4])):
         for a, b in zip(first, second, strict=True):
             assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+# --------------------------------------------------------------------------- odd arguments (0.2)
+
+
+@pytest.mark.parametrize(
+    ("beta", "error", "match"),
+    [
+        ("1e-2", TypeError, r"`beta` must be a real scalar"),
+        (b"1", TypeError, r"`beta` must be a real scalar"),
+        (True, TypeError, r"`beta` must be a real scalar"),
+        (np.bool_(False), TypeError, r"`beta` must be a real scalar"),
+        (1 + 2j, TypeError, r"`beta` must be a real scalar, got dtype complex"),
+        (np.complex64(1), TypeError, r"`beta` must be a real scalar, got dtype complex"),
+        (jnp.ones(2), ValueError, r"`beta` must be a scalar, got an array of shape \(2,\)"),
+        ([0.5], ValueError, r"`beta` must be a scalar"),
+        (object(), TypeError, r"`beta` must be a real scalar"),
+        (10**400, ValueError, r"`beta`=1000.* is too large for a float"),
+        (10**39, ValueError, r"`beta` must be finite and >= 0 \(in float32\)"),
+        (-1.0, ValueError, r"`beta` must be finite and >= 0"),
+        (-1, ValueError, r"`beta` must be finite and >= 0"),
+        (float("nan"), ValueError, r"`beta` must be finite and >= 0"),
+        (np.float32("inf"), ValueError, r"`beta` must be finite and >= 0"),
+        (jnp.float32(-0.5), ValueError, r"`beta` must be finite and >= 0"),
+    ],
+)
+def test_bad_beta_raises_naming_beta(beta: Any, error: type, match: str) -> None:
+    phi = jnp.eye(3, 2)
+    calls = [
+        lambda: jop.orthogonality_penalty(phi, beta),
+        lambda: jop.orthogonality_penalty_grad(phi, beta),
+        lambda: jop.tree_orthogonality_penalty({"w": phi}, beta),
+        # No leaf selected: beta is still checked.
+        lambda: jop.tree_orthogonality_penalty({"b": jnp.ones(3)}, beta),
+        lambda: jop.add_orthogonality_penalty(beta),
+    ]
+    for call in calls:
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_schedule_beta_is_checked_at_each_update_even_with_no_leaf_selected() -> None:
+    tx = jop.add_orthogonality_penalty(lambda count: -1.0 + count)
+    params = {"b": jnp.ones(3)}  # rank 1: nothing selected
+    with pytest.raises(ValueError, match=r"`beta` must be finite and >= 0"):
+        tx.update(params, tx.init(params), params)
+
+
+def test_odd_but_valid_betas() -> None:
+    phi = 2 * jnp.eye(3, 2)  # X = 3 I: value 6 beta
+    for beta, want in [(2**40, 6.0 * 2**40), (0, 0.0), (np.int8(3), 18.0), (jnp.int32(1), 6.0)]:
+        assert float(jop.orthogonality_penalty(phi, beta)) == want
+    # Traced betas are not checked: NaN propagates, and a negative one is computed.
+    assert np.isnan(float(jax.jit(jop.orthogonality_penalty)(phi, jnp.nan)))
+    assert float(jax.jit(jop.orthogonality_penalty)(phi, -1.0)) == -6.0
+
+
+def test_subgradient_callable_checked_at_the_real_residual_shape_and_dtype() -> None:
+    phi = jnp.ones((3, 4, 2))  # residual X: (4, 2, 2)
+
+    def only_2d(x: jax.Array) -> jax.Array:  # right on a 2-D probe, wrong on (4, 2, 2)
+        return jnp.sign(x) if x.ndim == 2 else jnp.sign(x)[0]
+
+    def fails_3d(x: jax.Array) -> jax.Array:
+        if x.ndim != 2:
+            raise RuntimeError("only matrices")
+        return jnp.sign(x)
+
+    cases = [
+        (
+            only_2d,
+            r"`subgradient` .* must map an array x to an array of x's shape, got "
+            r"\(2, 2\) for the residual X of shape \(4, 2, 2\)",
+        ),
+        (
+            lambda x: jnp.sign(x).astype(jnp.complex64),
+            r"must return a real floating array, got dtype complex64",
+        ),
+        (
+            lambda x: (x > 0).astype(jnp.int32),
+            r"must return a real floating array, got dtype int32",
+        ),
+        (lambda x: x > 0, r"must return a real floating array, got dtype bool"),
+        (
+            fails_3d,
+            r"`subgradient` .* failed on the residual X of shape \(4, 2, 2\).*only matrices",
+        ),
+    ]
+    for sub, match in cases:
+        for f in (jop.orthogonality_penalty, jop.orthogonality_penalty_grad):
+            with pytest.raises(TypeError, match=match):
+                f(phi, subgradient=sub)
+    # The double-sided residual (4, 3, 3) is checked too.
+    with pytest.raises(TypeError, match=r"residual X of shape \(4, 3, 3\)"):
+        jop.orthogonality_penalty(
+            phi, subgradient=lambda x: jnp.sign(x)[..., :2, :2], double_sided=True
+        )
+    # A float16 result for float32 residuals is a real floating array: used, cast.
+    got = jop.orthogonality_penalty_grad(
+        phi, subgradient=lambda x: jnp.sign(x).astype(jnp.float16)
+    )
+    np.testing.assert_array_equal(got, jop.orthogonality_penalty_grad(phi))
+
+
+def test_ranks_beyond_the_einsum_letters_raise() -> None:
+    too_many = jax.ShapeDtypeStruct((1,) * 52, jnp.float32)
+    with pytest.raises(ValueError, match=r"`phi` must have rank at most 51 .* got rank 52"):
+        jax.eval_shape(jop.orthogonality_penalty, too_many)
+    fifty_one = jax.ShapeDtypeStruct((1,) * 49 + (2, 2), jnp.float32)
+    jax.eval_shape(jop.orthogonality_penalty, fifty_one)  # fine one-sided
+    with pytest.raises(ValueError, match=r"`double_sided=True` supports `phi` of rank at most 50"):
+        jax.eval_shape(lambda p: jop.orthogonality_penalty(p, double_sided=True), fifty_one)
+
+
+def test_mask_of_the_wrong_structure_names_mask() -> None:
+    params = {"a": jnp.eye(2), "b": jnp.eye(2)}
+    for mask in ({"a": True}, {"a": True, "c": False}, [True, False]):
+        with pytest.raises(ValueError, match=r"`mask` does not match the params"):
+            jop.tree_orthogonality_penalty(params, 1.0, mask=mask)
+        tx = jop.add_orthogonality_penalty(1.0, mask=mask)
+        with pytest.raises(ValueError, match=r"`mask` does not match the params"):
+            tx.init(params)
+    good = jop.add_orthogonality_penalty(1.0, mask={"a": True, "b": False})
+    state = good.init(params)
+    with pytest.raises(ValueError, match=r"`mask` does not match the params"):
+        good.update({"a": jnp.eye(2)}, state, {"a": jnp.eye(2)})
+
+
+def _jaxpr_shapes(f: Any, *args: Any) -> set[tuple[int, ...]]:
+    jaxpr = jax.make_jaxpr(f)(*args)
+    shapes: set[tuple[int, ...]] = set()
+
+    def walk(j: Any) -> None:
+        for eqn in j.eqns:
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return shapes
+
+
+@pytest.mark.parametrize("off_diagonal", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_double_sided_squared_forms_no_l_by_l_matrix(off_diagonal: bool, normalize: bool) -> None:
+    """The squared row term comes from the n x n residual; the L1 one needs l x l
+    (the control: the walk over the jaxpr would see an l x l array)."""
+    l = 24
+    phi = jnp.asarray(np.random.default_rng(0).normal(size=(l, 3, 4)), jnp.float32)
+    opts = dict(double_sided=True, off_diagonal=off_diagonal, normalize=normalize)
+
+    def has_l_by_l(norm: Any) -> bool:
+        f = jax.value_and_grad(lambda p: jop.orthogonality_penalty(p, norm=norm, **opts))
+        return any(s[-2:] == (l, l) for s in _jaxpr_shapes(f, phi))
+
+    assert not has_l_by_l("squared")
+    assert has_l_by_l("l1")

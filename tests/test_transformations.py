@@ -295,3 +295,132 @@ def test_scan_remat_grad_python_float_beta_at_the_default() -> None:
     np.testing.assert_array_equal(got, jax.grad(jop.orthogonality_penalty)(phi, 0.5))
     got = jax.grad(jax.checkpoint(jop.orthogonality_penalty))(phi)  # beta=1.0
     np.testing.assert_array_equal(got, 2 * phi)  # 2 beta phi sign(diag(3, 3)), beta = 1
+
+
+# --------------------------------------------------------------------------- framework wrappers
+# What users write: the penalty inside flax's and equinox's own remat and scan.
+
+
+def _reference_stack_grad(kernels: jax.Array, beta: float) -> jax.Array:
+    """The plain gradient of the penalty summed over a (layers, in, out) stack."""
+    dims = jop.OrthoDims(vector_axis=1, column_axis=2)
+    return jax.grad(
+        lambda k: jop.orthogonality_penalty(
+            k, beta, vector_axis=dims.vector_axis, column_axis=dims.column_axis
+        )
+    )(kernels)
+
+
+def test_flax_linen_scan_with_remat() -> None:
+    import flax.linen as nn
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, jax.Array]:
+            kernel = self.param("kernel", nn.initializers.normal(1.0), (4, 4))
+            # The penalty of this layer's kernel, computed inside the scanned body.
+            return jnp.tanh(x @ kernel), jop.orthogonality_penalty(kernel, 0.5)
+
+    Stack = nn.scan(
+        nn.remat(Layer),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=3,
+    )
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+            y, penalties = Stack(name="stack")(x, None)
+            return y, jnp.sum(penalties)
+
+    model = Model()
+    x = jnp.ones((2, 4))
+    variables = model.init(jax.random.key(0), x)
+    kernels = variables["params"]["stack"]["kernel"]  # (layers, in, out)
+    assert kernels.shape == (3, 4, 4)
+    grads = jax.jit(jax.grad(lambda v: model.apply(v, x)[1]))(variables)
+    got = grads["params"]["stack"]["kernel"]
+    np.testing.assert_allclose(got, _reference_stack_grad(kernels, 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_flax_nnx_remat_and_scan() -> None:
+    from flax import nnx
+
+    layers = 3
+    keys = jax.random.split(jax.random.key(0), layers)
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key: jax.Array) -> nnx.Linear:
+        return nnx.Linear(4, 4, rngs=nnx.Rngs(key))
+
+    stack = make(keys)
+    kernels = stack.kernel[...]
+
+    def loss(model: nnx.Linear) -> jax.Array:
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.remat
+        def body(total: jax.Array, layer: nnx.Linear) -> jax.Array:
+            return total + jop.orthogonality_penalty(layer.kernel[...], 0.5)
+
+        return body(jnp.zeros((), jnp.float32), model)
+
+    grads = nnx.grad(loss)(stack)
+    np.testing.assert_allclose(
+        grads.kernel[...], _reference_stack_grad(kernels, 0.5), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_equinox_filter_checkpoint_and_tree_penalty() -> None:
+    import equinox as eqx
+
+    model = eqx.nn.MLP(4, 3, 6, 2, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    # An equinox Module of OrthoDims / None (callable, yet a tree) as dimension_numbers.
+    dims = jax.tree.map(
+        lambda x: jop.OrthoDims(vector_axis=1, column_axis=0) if x.ndim == 2 else None, params
+    )
+    assert callable(dims)
+
+    @eqx.filter_checkpoint
+    def penalty(p: Any) -> jax.Array:
+        return jop.tree_orthogonality_penalty(p, 0.5, dimension_numbers=dims)
+
+    got = eqx.filter_jit(eqx.filter_grad(penalty))(params)
+    for layer_got, layer in zip(got.layers, params.layers, strict=True):
+        want = jax.grad(jop.orthogonality_penalty)(layer.weight, 0.5, vector_axis=1, column_axis=0)
+        np.testing.assert_allclose(layer_got.weight, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(layer_got.bias, jnp.zeros_like(layer.bias))
+    del static
+
+
+def test_equinox_module_of_bools_is_a_mask_tree() -> None:
+    import equinox as eqx
+
+    model = eqx.nn.MLP(4, 3, 6, 1, key=jax.random.key(1))
+    params = eqx.filter(model, eqx.is_array)
+    mask = jax.tree.map(lambda _: False, params)
+    mask = eqx.tree_at(lambda m: m.layers[0].weight, mask, True)  # only the first weight
+    assert callable(mask)
+    dims = jop.OrthoDims(vector_axis=1, column_axis=0)
+    want = jop.orthogonality_penalty(params.layers[0].weight, 1.0, vector_axis=1, column_axis=0)
+    got = jop.tree_orthogonality_penalty(
+        params,
+        1.0,
+        mask=mask,
+        dimension_numbers=lambda p: jax.tree.map(lambda x: dims if x.ndim == 2 else None, p),
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    tx = jop.add_orthogonality_penalty(
+        1.0,
+        mask=mask,
+        dimension_numbers=jax.tree.map(lambda x: dims if x.ndim == 2 else None, params),
+    )
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    np.testing.assert_allclose(
+        updates.layers[0].weight,
+        jop.orthogonality_penalty_grad(params.layers[0].weight, vector_axis=1, column_axis=0),
+        rtol=1e-6,
+    )
+    np.testing.assert_array_equal(updates.layers[1].weight, zeros.layers[1].weight)

@@ -70,7 +70,11 @@ class deadzone:
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # |x| <= tol is the kink's band: derivative 0 there. NaN fails the test
-        # and falls through to sign(NaN) = NaN, so it propagates.
+        # and falls through to sign(NaN) = NaN, so it propagates. (The residuals are
+        # floating; anything else is compared as a float, also under strict promotion.)
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(jnp.result_type(float))
         return jnp.where(jnp.abs(x) <= self.tol, jnp.zeros_like(x), jnp.sign(x))
 
 

@@ -188,7 +188,16 @@ def _python_blocks(markdown: str) -> list[str]:
     return [textwrap.dedent(m.group(2)) for m in fence.finditer(markdown)]
 
 
-@pytest.mark.parametrize("page", PAGES_WITH_CODE)
+@pytest.mark.parametrize(
+    "page",
+    [
+        # Pages whose examples run optax.adam: see conftest.py's optax_promotion.
+        pytest.param(p, marks=pytest.mark.optax_promotion)
+        if "optax.adam" in (DOCS / p).read_text()
+        else p
+        for p in PAGES_WITH_CODE
+    ],
+)
 def test_page_code_runs(page: str) -> None:
     blocks = _python_blocks((DOCS / page).read_text())
     assert blocks, f"{page} has no python code blocks"

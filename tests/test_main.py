@@ -28,6 +28,7 @@ def _number_after(label: str, out: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 def test_demo_trains_compares_and_writes_png(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -74,6 +75,7 @@ def test_demo_trains_compares_and_writes_png(
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 def test_demo_without_matplotlib_skips_the_plot(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

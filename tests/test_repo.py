@@ -148,6 +148,7 @@ def test_public_names_are_exported_and_documented():
         assert obj.__doc__ and "Examples:" in obj.__doc__, name
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 def test_readme_python_blocks_run():
     # The quick start and recipes run as written, in order, in one namespace.
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
@@ -234,7 +235,7 @@ def test_sdist_and_wheel_build_offline_and_pass_twine_check(tmp_path: Path):
     assert {"jax_orthopenalty/py.typed", "jax_orthopenalty/demo/__init__.py"} <= names
     assert not any(n.startswith("tests/") for n in names)
     assert f"{info}/licenses/LICENSE" in names
-    assert meta["Requires-Python"] == ">=3.10"
+    assert meta["Requires-Python"] == ">=3.11"
     requires = [Requirement(r) for r in meta.get_all("Requires-Dist")]
     assert sorted(r.name for r in requires if r.marker is None) == ["jax", "jaxlib", "optax"]
     demo = [r.name for r in requires if r.marker and r.marker.evaluate({"extra": "demo"})]
@@ -243,7 +244,7 @@ def test_sdist_and_wheel_build_offline_and_pass_twine_check(tmp_path: Path):
     assert set(urls) == {"Homepage", "Documentation", "Changelog", "Issues"}
     assert all(u.startswith("https://") for u in urls.values())
     classifiers = meta.get_all("Classifier")
-    for version in ("3.10", "3.11", "3.12", "3.13"):
+    for version in ("3.11", "3.12", "3.13"):
         assert f"Programming Language :: Python :: {version}" in classifiers
     for classifier in (
         "License :: OSI Approved :: Apache Software License",

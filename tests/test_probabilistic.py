@@ -32,7 +32,7 @@ def _data() -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
-def _model(x: jax.Array, beta: jax.Array) -> None:
+def _model(x: jax.Array, beta: float) -> None:
     w = numpyro.sample("W", dist.Normal(0.0, 1.0).expand([D, M, K]).to_event(3))
     s = numpyro.sample("s", dist.HalfNormal(3.0).expand([M, K]).to_event(2))
     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
@@ -43,34 +43,29 @@ def _model(x: jax.Array, beta: jax.Array) -> None:
     numpyro.sample("x", dist.LowRankMultivariateNormal(jnp.zeros(D), loadings, noise), obs=x)
 
 
-def _nuts(mcmc: infer.MCMC, x: jax.Array, beta: float) -> tuple[np.ndarray, int]:
-    mcmc.run(jax.random.key(1), x, jnp.float32(beta), extra_fields=("diverging",))
-    errors = jax.vmap(jop.orthogonality_error)(mcmc.get_samples()["W"])  # (samples, m)
-    return np.asarray(errors), int(mcmc.get_extra_fields()["diverging"].sum())
-
-
-def test_nuts_with_the_penalty_as_a_prior_is_orthogonal_and_has_no_divergences():
-    x = _data()
-    # beta is a traced argument (jit_model_args), so beta = 0 (no prior) and beta = 50
-    # share one compilation.
+def _nuts(x: jax.Array, beta: float) -> tuple[np.ndarray, int]:
+    """Median posterior orthogonality error per group, and the number of divergences."""
     mcmc = infer.MCMC(
         infer.NUTS(_model, max_tree_depth=6),
         num_warmup=150,
         num_samples=150,
         num_chains=1,
         progress_bar=False,
-        jit_model_args=True,
     )
+    mcmc.run(jax.random.key(1), x, beta, extra_fields=("diverging",))
+    errors = jax.vmap(jop.orthogonality_error)(mcmc.get_samples()["W"])  # (samples, m)
+    return np.median(np.asarray(errors), axis=0), int(mcmc.get_extra_fields()["diverging"].sum())
+
+
+def test_nuts_with_the_penalty_as_a_prior_is_orthogonal_and_has_no_divergences():
+    x = _data()
     # numpyro's distributions broadcast by rank, as users' models do.
     with jax.numpy_rank_promotion("allow"):
-        free, free_divergences = _nuts(mcmc, x, 0.0)
-        prior, prior_divergences = _nuts(mcmc, x, 50.0)
-    assert np.all(np.isfinite(prior))
-    # Per group, the median posterior orthogonality error falls by far more than 3x.
-    assert np.all(np.median(prior, axis=0) * 3 < np.median(free, axis=0)), (
-        np.median(prior, axis=0),
-        np.median(free, axis=0),
-    )
-    assert np.all(np.median(prior, axis=0) < 0.1)
+        free, free_divergences = _nuts(x, 0.0)  # beta = 0: no prior
+        prior, prior_divergences = _nuts(x, 50.0)
+    # Per group, the median posterior orthogonality error falls by far more than 3x
+    # (measured: about 6 without the prior, 0.03 with it).
+    assert np.all(prior * 3 < free), (prior, free)
+    assert np.all(prior < 0.1), prior
     assert prior_divergences <= 2, prior_divergences
     assert free_divergences <= 10, free_divergences

@@ -387,6 +387,8 @@ def add_orthogonality_penalty(
       mask: which leaves to penalise, as ``optax.masked`` takes it: a pytree of
         bools with the structure of the params, a prefix of it (a bool for a whole
         subtree), or a callable from the params to one. ``True`` means penalise.
+        A pytree whose leaves are all bools is a tree even if it is callable (an
+        ``equinox.Module`` of bools); any other callable is called.
       dimension_numbers: the layout of each leaf. ``None`` (default): every leaf of
         rank >= 2 with a floating dtype, in the default layout ``OrthoDims()``
         (vectors on axis 0, columns on the last axis: right for flax ``Dense``
@@ -400,7 +402,10 @@ def add_orthogonality_penalty(
         receives the params with ``optax.MaskedNode`` in place of the leaves that
         ``mask`` leaves out. An :class:`OrthoDims` that does not fit its leaf
         raises :func:`orthogonality_penalty`'s ``ValueError``, prefixed with the
-        leaf's path, when the update is traced.
+        leaf's path, when the update is traced. A pytree whose leaves are all
+        :class:`OrthoDims` or ``None`` is a tree even if it is callable (an
+        ``equinox.Module`` built with ``jax.tree.map`` over the model's arrays);
+        any other callable is called.
       norm: the entrywise norm, ``"l1"``, ``"squared"`` or :func:`huber`.
       subgradient: the kink convention of ``"l1"`` (see
         :func:`orthogonality_penalty`); static.

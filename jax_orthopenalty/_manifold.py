@@ -172,7 +172,7 @@ def _safe_scale(
 ) -> jax.Array:
     r"""Per group, :math:`\min(1, \eta^*/\eta)`: the step :math:`\eta` clipped to the safe one.
 
-    Ablin & Peyré (2022, Lemma 4), with :math:`d = \|X^\top X - I\|_F` and
+    Ablin & Peyré (2022), with :math:`d = \|X^\top X - I\|_F` and
     :math:`a = \|\psi(X) X\|_F`: for :math:`d < \varepsilon` a step of size
     :math:`\eta \le \eta^*` stays in :math:`\{d \le \varepsilon\}`, where
     :math:`\eta^*` is the positive root of
@@ -318,13 +318,13 @@ def landing(
     **Step size.** With :math:`d = \|X^\top X - I\|_F`, the iterates stay near the
     manifold (:math:`d \le \varepsilon`) as long as every step
     :math:`\eta` is at most the safe step :math:`\eta^*(a, d, \lambda,
-    \varepsilon)` of Ablin & Peyré (2022, Lemma 4), where :math:`a =
+    \varepsilon)` of Ablin & Peyré (2022), where :math:`a =
     \|\psi(X)X\|_F`: the positive root of :math:`\beta\eta^2 - \alpha\eta + d -
     \varepsilon = 0`, :math:`\alpha = -2d(\lambda + a)`, :math:`\beta = a^2 +
     \lambda^2 d^3 + 2\lambda a d^2 + a^2 d`. It is the bound that the authors'
     implementations use (on the orthogonal group, and on the Stiefel manifold
-    with :math:`a = \|\psi(X) X\|_F`); Vary et al. (2024, Lemma 2.4) prove a
-    bound of the same form for the Stiefel manifold. Large gradients, or a large
+    with :math:`a = \|\psi(X) X\|_F`); Vary et al. (2024) prove bounds of the
+    same kind for the Stiefel manifold. Large gradients, or a large
     :math:`\lambda\eta` (keep :math:`\lambda\eta < 1`), are what push an iterate
     out.
 
@@ -414,6 +414,11 @@ def landing(
       ...     params = optax.apply_updates(params, u)
       >>> float(jop.orthogonality_error(params["x"])) < 0.5
       True
+
+    References:
+      Ablin and Peyré, *Fast and accurate optimization on the orthogonal manifold
+      without retraction*, AISTATS 2022. Vary, Ablin, Gao and Absil, *Optimization
+      without retraction on the random generalized Stiefel manifold*, ICML 2024.
     """
     _check_mask(mask)
     if not callable(lam):

@@ -623,5 +623,18 @@ def test_group_sharded_params_need_no_gather() -> None:
         assert "'x'" in rec["specs"]["w"] and "'x'" in rec["specs"]["conv"], (name, rec)
 
 
+# --------------------------------------------------------------------------- docs
+
+
+def test_soft_or_exact_page_code_runs() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "soft-or-exact.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", page, flags=re.M | re.S)
+    assert len(blocks) == 3
+    namespace: dict[str, Any] = {}
+    with jax.numpy_rank_promotion("allow"):  # user code, as the docs show it
+        for block in blocks:
+            exec(compile(block, "docs/soft-or-exact.md", "exec"), namespace)
+
+
 if __name__ == "__main__":
     _child()

@@ -155,6 +155,8 @@ def _landing_leaf(
     tangent = _contract.apply(layout, g, 0.5 * c, precision=precision) - _contract.apply(
         layout, x, 0.5 * s, precision=precision
     )
+    # lam X (C - I) is orthogonality_penalty_grad(x, lam / 4, norm="squared") (a test
+    # checks it), formed here from the C already at hand: a Gram and a product fewer.
     normal = _contract.apply(layout, x, lam * residual, precision=precision)
     field = tangent + normal
     if safe_step is not None:

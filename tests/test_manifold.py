@@ -276,6 +276,26 @@ def test_acceptance_sgd_then_project_lands_on_the_polar_factor(name: str) -> Non
     assert float(np.max(err)) < 2e-6
 
 
+@pytest.mark.parametrize("far", [False, True], ids=["all-near:gram", "one-far:svd"])
+def test_projection_near_the_manifold_takes_the_gram_route_exactly(far: bool) -> None:
+    # After a small step from orthonormal groups, every ||C_i - I||_F <= 1/2: the polar
+    # factor comes from eigh of the Gram matrix. One group far off sends all to the SVD.
+    from jax_orthopenalty import _manifold
+
+    rng = np.random.default_rng(10)
+    with jax.enable_x64(True):
+        q = np.linalg.qr(rng.normal(size=(5, 9, 4)))[0].transpose(1, 0, 2)  # (9, 5, 4)
+        step = 0.01 * rng.normal(size=q.shape)
+        if far:
+            step[:, 2] *= 100
+        x, u = jnp.asarray(q), jnp.asarray(step)
+        c = np.einsum("lia,lib->iab", q + step, q + step)
+        near = np.linalg.norm(c - np.eye(4), axis=(1, 2)) <= _manifold.NEAR_ORTHONORMAL
+        assert near.all() != far
+        new = x + _update(jop.project_orthonormal(), u, x)
+        np.testing.assert_allclose(new, polar_ref(q + step), rtol=0, atol=1e-13)
+
+
 def test_acceptance_rows_of_out_in_leaves_and_skipped_leaves() -> None:
     # equinox (out, in) weights with OrthoDims(vector_axis=1, column_axis=0): the rows
     # become orthonormal; a masked-out leaf and a None-dims leaf are untouched.

@@ -152,15 +152,17 @@ def _landing_leaf(
         out_sharding=_contract.group_out_sharding(layout, x, 2),
     )
     residual = c - _eye_like(c)
-    tangent = _contract.apply(layout, g, 0.5 * c, precision=precision) - _contract.apply(
-        layout, x, 0.5 * s, precision=precision
-    )
     # lam X (C - I) is orthogonality_penalty_grad(x, lam / 4, norm="squared") (a test
     # checks it), formed here from the C already at hand: a Gram and a product fewer.
-    normal = _contract.apply(layout, x, lam * residual, precision=precision)
-    field = tangent + normal
-    if safe_step is not None:
-        field = field * _safe_scale(layout, tangent, residual, lam, safe_step, learning_rate)
+    along = _contract.apply(layout, g, 0.5 * c, precision=precision)
+    if safe_step is None:
+        return (
+            along + _contract.apply(layout, x, lam * residual - 0.5 * s, precision=precision)
+        ).astype(updates.dtype)
+    # The safe step needs the norm of the tangent part psi(X) X on its own.
+    tangent = along - _contract.apply(layout, x, 0.5 * s, precision=precision)
+    field = tangent + _contract.apply(layout, x, lam * residual, precision=precision)
+    field = field * _safe_scale(layout, tangent, residual, lam, safe_step, learning_rate)
     return field.astype(updates.dtype)
 
 

@@ -330,8 +330,9 @@ def landing(
     :math:`X \leftarrow X - \eta \Lambda(X)` converge there with no retraction
     (no SVD, no matrix inverse): per group it costs two :math:`n \times n` Gram
     matrices (:math:`X^\top X`, :math:`G^\top X`) and two products with
-    :math:`n \times n` matrices, about twice the soft penalty's gradient.
-    Unselected leaves pass through untouched.
+    :math:`n \times n` matrices: 1.1 to 2 times the soft penalty's gradient
+    (measured on one CPU core from 24 x 5 to 1024 x 256 float32 groups; a third
+    product with ``safe_step``). Unselected leaves pass through untouched.
 
     **Where it goes in a chain.** Landing acts on a *direction*: place it where
     the chain holds the direction you want to follow, before the step size.

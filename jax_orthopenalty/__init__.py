@@ -3,6 +3,9 @@
 See :func:`orthogonality_penalty` for the math.
 """
 
+from ._manifold import LandingState as LandingState
+from ._manifold import landing as landing
+from ._manifold import project_orthonormal as project_orthonormal
 from ._penalty import orthogonality_error as orthogonality_error
 from ._penalty import orthogonality_penalty as orthogonality_penalty
 from ._penalty import orthogonality_penalty_grad as orthogonality_penalty_grad
@@ -19,14 +22,17 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AddOrthogonalityPenaltyState",
+    "LandingState",
     "Norm",
     "OrthoDims",
     "Subgradient",
     "add_orthogonality_penalty",
     "deadzone",
     "huber",
+    "landing",
     "orthogonality_error",
     "orthogonality_penalty",
     "orthogonality_penalty_grad",
+    "project_orthonormal",
     "tree_orthogonality_penalty",
 ]

@@ -1,0 +1,351 @@
+"""Soft or exact: three ways to orthonormal columns, measured in one run.
+
+Two tasks, each trained with the same optimizer and step size by
+
+* ``soft-l1`` / ``soft-squared``: ``add_orthogonality_penalty`` (the soft penalty),
+* ``landing``: ``jop.landing`` (the landing field, no retraction),
+* ``project``: ``jop.project_orthonormal`` after every step (projected gradient),
+
+reporting the orthogonality error over the steps, the task loss, the wall time per
+step (the whole training loop under one ``jax.jit`` of a ``lax.scan``, compiled
+first) and the time to reach an error of 1e-5. The tasks:
+
+* PCA: the top 5 eigenvectors of a 24 x 24 covariance (eigenvalues 1 ... 0.1),
+  minimising -1/2 tr(X^T A X) from a random, non-orthonormal start; plain SGD.
+* digits: a 64-32-32-10 tanh network on scikit-learn's digits, full batch, SGD
+  with momentum 0.9, with orthonormal columns in both hidden kernels.
+
+If geotorch is installed (the ``bench`` extra), the PCA problem is also solved with
+its orthogonal parametrisation (``geotorch.orthogonal``) and torch's SGD, as an
+anchor: per-step time ratio and final errors side by side.
+
+    python benchmarks/bench_manifold.py [--json benchmarks/results/manifold_cpu.json]
+
+The notebook ``notebooks/05_soft_or_exact.ipynb`` imports this module and plots it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jax_orthopenalty as jop
+
+TARGET = 1e-5
+METHODS = ("soft-l1", "soft-squared", "landing", "project")
+
+
+# --------------------------------------------------------------------------- PCA
+
+
+def pca_problem(d: int = 24, k: int = 5, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    evals = np.linspace(1.0, 0.1, d)
+    return {
+        "a": (q * evals) @ q.T,
+        "optimum": -0.5 * float(evals[:k].sum()),
+        "x0": 1.3 * rng.normal(size=(d, k)) / np.sqrt(d),
+    }
+
+
+def pca_optimizer(method: str, lr: float, beta: float = 1.0) -> optax.GradientTransformation:
+    if method == "soft-l1":
+        return optax.chain(jop.add_orthogonality_penalty(beta), optax.sgd(lr))
+    if method == "soft-squared":
+        return optax.chain(jop.add_orthogonality_penalty(beta, norm="squared"), optax.sgd(lr))
+    if method == "landing":
+        return optax.chain(jop.landing(1.0), optax.sgd(lr))
+    if method == "project":
+        return optax.chain(optax.sgd(lr), jop.project_orthonormal())
+    raise ValueError(method)
+
+
+def _timed_scan(
+    step: Callable[[Any, Any], tuple[Any, Any]], carry: Any, steps: int, repeats: int = 3
+) -> tuple[Any, Any, float]:
+    """Runs ``steps`` steps in one jitted scan; returns the result and seconds per step."""
+    run = jax.jit(lambda c: jax.lax.scan(step, c, None, length=steps))
+    out = jax.block_until_ready(run(carry))  # compile, and the result
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(run(carry))
+        best = min(best, time.perf_counter() - t)
+    return out[0], out[1], best / steps
+
+
+def _first_below(errors: np.ndarray, target: float = TARGET) -> int | None:
+    hits = np.flatnonzero(errors < target)
+    return int(hits[0]) + 1 if hits.size else None
+
+
+def run_pca(
+    steps: int = 3000, lr: float = 0.05, seed: int = 0, repeats: int = 3
+) -> dict[str, Any]:
+    prob = pca_problem(seed=seed)
+    a = jnp.asarray(prob["a"], jnp.float32)
+
+    def loss(x: jax.Array) -> jax.Array:
+        return -0.5 * jnp.trace(x.T @ a @ x)
+
+    out: dict[str, Any] = {"optimum": prob["optimum"], "steps": steps, "lr": lr}
+    for method in METHODS:
+        tx = pca_optimizer(method, lr)
+
+        def step(carry: Any, _: Any, tx: Any = tx) -> tuple[Any, Any]:
+            x, s = carry
+            u, s = tx.update(jax.grad(loss)(x), s, x)
+            x = optax.apply_updates(x, u)
+            return (x, s), (jop.orthogonality_error(x), loss(x))
+
+        x0 = jnp.asarray(prob["x0"], jnp.float32)
+        _, (errors, losses), per_step = _timed_scan(step, (x0, tx.init(x0)), steps, repeats)
+        errors, losses = np.asarray(errors, np.float64), np.asarray(losses, np.float64)
+        hit = _first_below(errors)
+        out[method] = {
+            "error": errors.tolist(),
+            "loss": losses.tolist(),
+            "final_error": float(errors[-1]),
+            "final_gap": float((losses[-1] - prob["optimum"]) / abs(prob["optimum"])),
+            "us_per_step": per_step * 1e6,
+            "steps_to_target": hit,
+            "ms_to_target": None if hit is None else hit * per_step * 1e3,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def digits_data(seed: int = 0) -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0 - 0.5).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    n = int(0.8 * len(x))
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+DIGITS_DIMS = {
+    "w1": jop.OrthoDims(),
+    "b1": None,
+    "w2": jop.OrthoDims(),
+    "b2": None,
+    "w3": None,
+    "b3": None,
+}
+
+
+def digits_init(seed: int = 0, hidden: int = 32) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    sizes = [(64, hidden), (hidden, hidden), (hidden, 10)]
+    params: dict[str, jax.Array] = {}
+    for i, (m, n) in enumerate(sizes, start=1):
+        params[f"w{i}"] = jnp.asarray(rng.normal(size=(m, n)) / np.sqrt(m), jnp.float32)
+        params[f"b{i}"] = jnp.zeros(n, jnp.float32)
+    return params
+
+
+def digits_forward(params: Any, x: jax.Array) -> jax.Array:
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    h = jnp.tanh(h @ params["w2"] + params["b2"])
+    return h @ params["w3"] + params["b3"]
+
+
+def digits_optimizer(method: str, lr: float, beta: float = 1e-2) -> optax.GradientTransformation:
+    dims = DIGITS_DIMS
+    if method == "soft-l1":
+        pen = jop.add_orthogonality_penalty(beta, dimension_numbers=dims)
+        return optax.chain(pen, optax.sgd(lr, momentum=0.9))
+    if method == "soft-squared":
+        pen = jop.add_orthogonality_penalty(beta, norm="squared", dimension_numbers=dims)
+        return optax.chain(pen, optax.sgd(lr, momentum=0.9))
+    if method == "landing":
+        return optax.chain(
+            optax.trace(decay=0.9),
+            jop.landing(1.0, dimension_numbers=dims),
+            optax.scale_by_learning_rate(lr),
+        )
+    if method == "project":
+        return optax.chain(
+            optax.sgd(lr, momentum=0.9), jop.project_orthonormal(dimension_numbers=dims)
+        )
+    raise ValueError(method)
+
+
+def run_digits(
+    steps: int = 400, lr: float = 0.1, seed: int = 0, repeats: int = 3
+) -> dict[str, Any]:
+    xtr, ytr, xte, yte = (jnp.asarray(v) for v in digits_data(seed))
+
+    def loss(params: Any) -> jax.Array:
+        logits = digits_forward(params, xtr)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ytr).mean()
+
+    def error(params: Any) -> jax.Array:
+        return jnp.maximum(
+            jop.orthogonality_error(params["w1"]), jop.orthogonality_error(params["w2"])
+        )
+
+    out: dict[str, Any] = {"steps": steps, "lr": lr}
+    for method in METHODS:
+        tx = digits_optimizer(method, lr)
+
+        def step(carry: Any, _: Any, tx: Any = tx) -> tuple[Any, Any]:
+            p, s = carry
+            value, grads = jax.value_and_grad(loss)(p)
+            u, s = tx.update(grads, s, p)
+            p = optax.apply_updates(p, u)
+            return (p, s), (error(p), value)
+
+        p0 = digits_init(seed)
+        (p, _), (errors, losses), per_step = _timed_scan(step, (p0, tx.init(p0)), steps, repeats)
+        errors, losses = np.asarray(errors, np.float64), np.asarray(losses, np.float64)
+        accuracy = float(jnp.mean(jnp.argmax(digits_forward(p, xte), -1) == yte))
+        hit = _first_below(errors)
+        out[method] = {
+            "error": errors.tolist(),
+            "loss": losses.tolist(),
+            "final_error": float(errors[-1]),
+            "final_loss": float(loss(p)),
+            "test_accuracy": accuracy,
+            "us_per_step": per_step * 1e6,
+            "steps_to_target": hit,
+            "ms_to_target": None if hit is None else hit * per_step * 1e3,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- geotorch
+
+
+def run_geotorch(steps: int = 3000, lr: float = 0.05, seed: int = 0) -> dict[str, Any] | None:
+    """The PCA problem with geotorch.orthogonal and torch SGD, or None without geotorch."""
+    try:
+        import geotorch
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    prob = pca_problem(seed=seed)
+    a = torch.tensor(prob["a"], dtype=torch.float32)
+    layer = torch.nn.Linear(5, 24, bias=False)  # weight (24, 5): columns orthonormal
+    geotorch.orthogonal(layer, "weight")
+    # geotorch starts on the manifold: from the projection of the same start.
+    u, _, vt = np.linalg.svd(prob["x0"], full_matrices=False)
+    layer.weight = torch.tensor(u @ vt, dtype=torch.float32)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr)
+
+    def one() -> float:
+        opt.zero_grad()
+        x = layer.weight
+        value = -0.5 * torch.trace(x.T @ a @ x)
+        value.backward()
+        opt.step()
+        return value.item()
+
+    for _ in range(10):
+        one()  # warm up
+    t = time.perf_counter()
+    for _ in range(steps - 10):
+        one()
+    per_step = (time.perf_counter() - t) / (steps - 10)
+    with torch.no_grad():
+        x = layer.weight.double().numpy()
+    final = -0.5 * float(np.trace(x.T @ prob["a"] @ x))
+    return {
+        "us_per_step": per_step * 1e6,
+        "final_error": float(np.abs(x.T @ x - np.eye(5)).max()),
+        "final_gap": (final - prob["optimum"]) / abs(prob["optimum"]),
+        "torch": torch.__version__,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def report(pca: dict[str, Any], digits: dict[str, Any], geo: dict[str, Any] | None) -> str:
+    lines = [f"PCA d=24 k=5, SGD lr={pca['lr']}, {pca['steps']} steps"]
+    lines.append(
+        f"{'method':14}{'final err':>11}{'obj gap':>11}{'us/step':>9}"
+        f"{'steps<1e-5':>12}{'ms<1e-5':>9}"
+    )
+    for m in METHODS:
+        r = pca[m]
+        lines.append(
+            f"{m:14}{r['final_error']:>11.1e}{r['final_gap']:>11.1e}{r['us_per_step']:>9.1f}"
+            f"{_fmt(r['steps_to_target'], 'd'):>12}{_fmt(r['ms_to_target'], '.1f'):>9}"
+        )
+    if geo is None:
+        lines.append("geotorch: not run (not installed: pip install 'jax_orthopenalty[bench]')")
+    else:
+        lines.append(
+            f"{'geotorch':14}{geo['final_error']:>11.1e}{geo['final_gap']:>11.1e}"
+            f"{geo['us_per_step']:>9.1f}   (torch {geo['torch']}, eager, 1 thread)"
+        )
+        for m in ("landing", "project"):
+            lines.append(
+                f"  {m} / geotorch per-step time: {pca[m]['us_per_step'] / geo['us_per_step']:.3f}"
+            )
+    lines.append("")
+    lines.append(
+        f"digits 64-32-32-10, SGD+momentum lr={digits['lr']}, {digits['steps']} full-batch steps"
+    )
+    lines.append(
+        f"{'method':14}{'final err':>11}{'loss':>8}{'test acc':>10}{'us/step':>9}"
+        f"{'steps<1e-5':>12}{'ms<1e-5':>9}"
+    )
+    for m in METHODS:
+        r = digits[m]
+        lines.append(
+            f"{m:14}{r['final_error']:>11.1e}{r['final_loss']:>8.3f}{r['test_accuracy']:>10.3f}"
+            f"{r['us_per_step']:>9.1f}{_fmt(r['steps_to_target'], 'd'):>12}"
+            f"{_fmt(r['ms_to_target'], '.1f'):>9}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--no-geotorch", action="store_true")
+    args = parser.parse_args()
+    pca, digits = run_pca(), run_digits()
+    geo = None if args.no_geotorch else run_geotorch()
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
+    print(report(pca, digits, geo))
+    if args.json is not None:
+        slim = {
+            "pca": {k: v for k, v in pca.items() if not isinstance(v, dict)}
+            | {
+                m: {k: v for k, v in pca[m].items() if k not in ("error", "loss")} for m in METHODS
+            },
+            "digits": {k: v for k, v in digits.items() if not isinstance(v, dict)}
+            | {
+                m: {k: v for k, v in digits[m].items() if k not in ("error", "loss")}
+                for m in METHODS
+            },
+            "geotorch": geo,
+        }
+        args.json.write_text(json.dumps(slim, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

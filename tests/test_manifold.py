@@ -1,0 +1,657 @@
+"""landing and project_orthonormal, against a float64 NumPy reference written here.
+
+The reference takes each group to an (l, n) matrix by moving axes (``reference.py``'s
+``_canonical``) and writes the landing field, the safe step and the polar factor
+from their definitions with plain ``@`` and ``np.linalg.svd``. The file is also a
+script: the sharding test runs it in a subprocess with 8 host devices, as
+``test_sharding.py`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jax_orthopenalty as jop
+from jax_orthopenalty import OrthoDims
+
+import reference as ref
+
+# --------------------------------------------------------------------------- reference
+
+DEFAULT = OrthoDims()
+
+
+def landing_ref(
+    phi: Any,
+    g: Any,
+    lam: float,
+    dims: OrthoDims = DEFAULT,
+    *,
+    safe_step: float | None = None,
+    learning_rate: float | None = None,
+) -> np.ndarray:
+    """1/2 (G X^T X - X G^T X) + lam X (X^T X - I) per group, optionally clipped."""
+    xs, back = ref._canonical(np.asarray(phi, np.float64), dims.vector_axis, dims.column_axis)
+    gs, _ = ref._canonical(np.asarray(g, np.float64), dims.vector_axis, dims.column_axis)
+    out = np.zeros_like(xs)
+    for i, (x, gi) in enumerate(zip(xs, gs, strict=True)):
+        n = x.shape[1]
+        rel = 0.5 * (gi @ x.T @ x - x @ gi.T @ x)
+        field = rel + lam * x @ (x.T @ x - np.eye(n))
+        if safe_step is not None:
+            assert learning_rate is not None
+            d = np.linalg.norm(x.T @ x - np.eye(n))
+            a = np.linalg.norm(rel)
+            alpha = 2 * (lam * d - a * d - 2 * lam * d)  # as written in the paper's code
+            beta = a**2 + lam**2 * d**3 + 2 * lam * a * d**2 + a**2 * d
+            if d < safe_step:
+                eta = (alpha + np.sqrt(alpha**2 + 4 * beta * (safe_step - d))) / 2 / beta
+                field = field * min(1.0, eta / learning_rate)
+        out[i] = field
+    return back(out)
+
+
+def polar_ref(y: Any, dims: OrthoDims = DEFAULT) -> np.ndarray:
+    ys, back = ref._canonical(np.asarray(y, np.float64), dims.vector_axis, dims.column_axis)
+    out = np.zeros_like(ys)
+    for i, yi in enumerate(ys):
+        u, _, vt = np.linalg.svd(yi, full_matrices=False)
+        out[i] = u @ vt
+    return back(out)
+
+
+def _rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.normal(size=shape) / np.sqrt(shape[0])
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _update(tx: Any, updates: Any, params: Any) -> Any:
+    return tx.update(updates, tx.init(params), params)[0]
+
+
+LAYOUTS = {
+    "lmn": ((7, 3, 4), OrthoDims()),
+    "flax_dense_in_out": ((6, 4), OrthoDims()),
+    "conv_hwio": ((3, 3, 2, 5), OrthoDims(vector_axis=(0, 1, 2), column_axis=3)),
+    "equinox_linear_out_in": ((4, 7), OrthoDims(vector_axis=1, column_axis=0)),
+    "scan_stacked_layers_in_out": ((3, 6, 4), OrthoDims(vector_axis=1, column_axis=2)),
+}
+
+
+# --------------------------------------------------------------------------- landing
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_landing_is_the_formula_on_random_groups(name: str) -> None:
+    shape, dims = LAYOUTS[name]
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        params = {"w": jnp.asarray(_rand(rng, *shape)), "b": jnp.asarray(rng.normal(size=4))}
+        grads = {"w": jnp.asarray(rng.normal(size=shape)), "b": jnp.asarray(rng.normal(size=4))}
+        tx = jop.landing(0.7, dimension_numbers={"w": dims, "b": None})
+        new = _update(tx, grads, params)
+        assert new["w"].dtype == jnp.float64
+        expected = landing_ref(params["w"], grads["w"], 0.7, dims)
+        np.testing.assert_allclose(new["w"], expected, rtol=1e-10, atol=1e-12)
+        assert _same_bits(new["b"], grads["b"])
+
+
+def test_normal_term_is_the_squared_penalty_gradient_and_tangent_term_is_tangent() -> None:
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        x = jnp.asarray(_rand(rng, 9, 4, 3))
+        normal = _update(jop.landing(0.6), jnp.zeros_like(x), x)
+        pen = jop.orthogonality_penalty_grad(x, 0.6 / 4, norm="squared")
+        np.testing.assert_allclose(normal, pen, rtol=1e-12, atol=1e-14)
+        # At orthonormal groups only the tangent term is left: X_i^T Lambda_i is skew.
+        q = jnp.asarray(np.linalg.qr(rng.normal(size=(4, 9, 3)))[0].transpose(1, 0, 2))
+        field = _update(jop.landing(0.6), jnp.asarray(rng.normal(size=q.shape)), q)
+        m = jnp.einsum("lia,lib->iab", q, field)
+        np.testing.assert_allclose(m, -jnp.swapaxes(m, 1, 2), atol=1e-12)
+
+
+def _pca(seed: int = 0) -> tuple[np.ndarray, float, np.ndarray]:
+    """A 24 x 24 covariance with eigenvalues 1 ... 0.1, the optimum of
+    -1/2 tr(X^T A X) over 24 x 5 orthonormal X, and a non-orthonormal start."""
+    rng = np.random.default_rng(seed)
+    d, k = 24, 5
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    evals = np.linspace(1.0, 0.1, d)
+    a = (q * evals) @ q.T
+    x0 = 1.3 * rng.normal(size=(d, k)) / np.sqrt(d)
+    return a, -0.5 * float(evals[:k].sum()), x0
+
+
+def _run(tx: Any, a: np.ndarray, x0: np.ndarray, steps: int) -> tuple[jax.Array, jax.Array]:
+    aj = jnp.asarray(a, jnp.float32)
+
+    def loss(x: jax.Array) -> jax.Array:
+        return -0.5 * jnp.trace(x.T @ aj @ x)
+
+    @jax.jit
+    def run(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def step(carry: Any, _: Any) -> tuple[Any, jax.Array]:
+            x, s = carry
+            u, s = tx.update(jax.grad(loss)(x), s, x)
+            x = optax.apply_updates(x, u)
+            return (x, s), jop.orthogonality_error(x)
+
+        (x, _), errors = jax.lax.scan(step, (x, tx.init(x)), None, length=steps)
+        return loss(x), errors
+
+    return run(jnp.asarray(x0, jnp.float32))
+
+
+def test_acceptance_landing_sgd_solves_pca() -> None:
+    a, optimum, x0 = _pca()
+    assert float(jop.orthogonality_error(jnp.asarray(x0))) > 0.3  # a real start off it
+    value, errors = _run(optax.chain(jop.landing(lam=1.0), optax.sgd(0.05)), a, x0, 3000)
+    assert float(errors[-1]) < 1e-4
+    assert abs(float(value) - optimum) <= 1e-3 * abs(optimum)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optax.chain(
+            optax.trace(0.9), jop.landing(1.0), optax.scale_by_learning_rate(0.01)
+        ),
+        lambda: optax.chain(jop.landing(1.0), optax.sgd(0.01, momentum=0.9)),
+        lambda: optax.chain(jop.landing(1.0, safe_step=0.5, learning_rate=0.05), optax.sgd(0.05)),
+    ],
+    ids=["momentum-before", "momentum-after", "safe-step"],
+)
+def test_documented_chains_solve_pca(make: Callable[[], Any]) -> None:
+    a, optimum, x0 = _pca(1)
+    value, errors = _run(make(), a, x0, 2000)
+    assert float(errors[-1]) < 1e-4
+    assert abs(float(value) - optimum) <= 1e-3 * abs(optimum)
+
+
+def test_adam_chain_reaches_the_optimum_with_the_tangent_gradient_first() -> None:
+    # Adam's steps do not shrink at the optimum: the distance to the manifold is of
+    # the order of the step size, so it lands as the learning rate decays. Adam on
+    # the full Euclidean gradient moves the fixed point; on the tangent part it does not.
+    a, optimum, x0 = _pca(2)
+    lr = optax.cosine_decay_schedule(1e-2, 2000)
+    tail = (optax.scale_by_adam(), jop.landing(1.0), optax.scale_by_learning_rate(lr))
+    value, errors = _run(optax.chain(jop.landing(0.0), *tail), a, x0, 2000)
+    assert float(errors[-1]) < 1e-4
+    assert abs(float(value) - optimum) <= 1e-4 * abs(optimum)
+    biased, _ = _run(optax.chain(*tail), a, x0, 2000)
+    assert float(biased) - optimum > 1e-2 * abs(optimum)
+
+
+# --------------------------------------------------------------------------- safe step
+
+
+def test_safe_step_scales_by_the_papers_bound() -> None:
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        q = np.linalg.qr(rng.normal(size=(4, 10, 3)))[0].transpose(1, 0, 2)
+        x = jnp.asarray(q + 0.03 * rng.normal(size=q.shape))  # d ~ 0.1 per group
+        g = jnp.asarray(rng.normal(size=q.shape) * np.array([0.1, 1.0, 10.0, 100.0])[:, None])
+        tx = jop.landing(0.8, safe_step=0.5, learning_rate=0.2)
+        got = _update(tx, g, x)
+        expected = landing_ref(x, g, 0.8, safe_step=0.5, learning_rate=0.2)
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+        plain = landing_ref(x, g, 0.8)
+        # The small-gradient group keeps its step; the large ones are clipped.
+        np.testing.assert_allclose(got[:, 0], plain[:, 0], rtol=1e-12)
+        assert np.linalg.norm(got[:, 3]) < 0.1 * np.linalg.norm(plain[:, 3])
+
+
+def test_safe_step_keeps_the_iterates_in_the_band() -> None:
+    eps, lr = 0.3, 0.5
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(np.linalg.qr(rng.normal(size=(12, 4)))[0], jnp.float32)
+    grads = jnp.asarray(5 * rng.normal(size=(200, 12, 4)), jnp.float32)
+
+    def distances(tx: Any) -> np.ndarray:
+        def step(carry: Any, g: jax.Array) -> tuple[Any, jax.Array]:
+            x, s = carry
+            u, s = tx.update(g, s, x)
+            x = optax.apply_updates(x, u)
+            return (x, s), jnp.linalg.norm(x.T @ x - jnp.eye(4))
+
+        return np.asarray(jax.lax.scan(step, (x, tx.init(x)), grads)[1])
+
+    safe = distances(optax.chain(jop.landing(1.0, safe_step=eps, learning_rate=lr), optax.sgd(lr)))
+    plain = distances(optax.chain(jop.landing(1.0), optax.sgd(lr)))
+    assert safe.max() <= eps
+    assert not np.all(plain <= eps)  # without it the same gradients leave the band
+
+
+def test_safe_step_leaves_groups_outside_the_band_unclipped() -> None:
+    x = {"w": 2 * jnp.eye(3, 2)}  # d = 3 * sqrt(2) > eps
+    g = {"w": jnp.ones((3, 2))}
+    clipped = _update(jop.landing(1.0, safe_step=0.1, learning_rate=10.0), g, x)
+    np.testing.assert_allclose(clipped["w"], _update(jop.landing(1.0), g, x)["w"], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- projection
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_acceptance_sgd_then_project_lands_on_the_polar_factor(name: str) -> None:
+    shape, dims = LAYOUTS[name]
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        params = {"w": jnp.asarray(_rand(rng, *shape)), "b": jnp.asarray(rng.normal(size=3))}
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+        opt = optax.chain(
+            optax.sgd(0.1), jop.project_orthonormal(dimension_numbers={"w": dims, "b": None})
+        )
+        new = optax.apply_updates(params, _update(opt, grads, params))
+        target = polar_ref(np.asarray(params["w"]) - 0.1 * np.asarray(grads["w"]), dims)
+        np.testing.assert_allclose(new["w"], target, rtol=0, atol=1e-12)
+        err = jop.orthogonality_error(
+            new["w"], vector_axis=dims.vector_axis, column_axis=dims.column_axis
+        )
+        assert float(np.max(err)) < 1e-13
+        np.testing.assert_allclose(new["b"], params["b"] - 0.1 * grads["b"], rtol=1e-15)
+    # float32: orthonormal to float32 rounding.
+    p32 = {"w": jnp.asarray(_rand(rng, *shape), jnp.float32), "b": jnp.ones(3)}
+    new32 = optax.apply_updates(p32, _update(opt, jax.tree.map(jnp.cos, p32), p32))
+    err = jop.orthogonality_error(
+        new32["w"], vector_axis=dims.vector_axis, column_axis=dims.column_axis
+    )
+    assert float(np.max(err)) < 2e-6
+
+
+@pytest.mark.parametrize("far", [False, True], ids=["all-near:gram", "one-far:svd"])
+def test_projection_near_the_manifold_takes_the_gram_route_exactly(far: bool) -> None:
+    # After a small step from orthonormal groups, every ||C_i - I||_F <= 1/2: the polar
+    # factor comes from eigh of the Gram matrix. One group far off sends all to the SVD.
+    from jax_orthopenalty import _manifold
+
+    rng = np.random.default_rng(10)
+    with jax.enable_x64(True):
+        q = np.linalg.qr(rng.normal(size=(5, 9, 4)))[0].transpose(1, 0, 2)  # (9, 5, 4)
+        step = 0.01 * rng.normal(size=q.shape)
+        if far:
+            step[:, 2] *= 100
+        x, u = jnp.asarray(q), jnp.asarray(step)
+        c = np.einsum("lia,lib->iab", q + step, q + step)
+        near = np.linalg.norm(c - np.eye(4), axis=(1, 2)) <= _manifold.NEAR_ORTHONORMAL
+        assert near.all() != far
+        new = x + _update(jop.project_orthonormal(), u, x)
+        np.testing.assert_allclose(new, polar_ref(q + step), rtol=0, atol=1e-13)
+
+
+def test_acceptance_rows_of_out_in_leaves_and_skipped_leaves() -> None:
+    # equinox (out, in) weights with OrthoDims(vector_axis=1, column_axis=0): the rows
+    # become orthonormal; a masked-out leaf and a None-dims leaf are untouched.
+    rng = np.random.default_rng(6)
+    params = {
+        "enc": jnp.asarray(rng.normal(size=(3, 8)), jnp.float32),
+        "dec": jnp.asarray(rng.normal(size=(2, 5)), jnp.float32),
+        "head": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32),
+        "act": None,
+    }
+    grads = jax.tree.map(jnp.zeros_like, params)
+    rows = OrthoDims(vector_axis=1, column_axis=0)
+    for tx in (
+        jop.project_orthonormal(
+            mask={"enc": True, "dec": False, "head": True, "act": True},
+            dimension_numbers={"enc": rows, "dec": rows, "head": None, "act": None},
+        ),
+        jop.landing(
+            1.0,
+            mask={"enc": True, "dec": False, "head": False, "act": False},
+            dimension_numbers=rows,
+        ),
+    ):
+        u = _update(tx, grads, params)
+        assert u["act"] is None
+        assert _same_bits(u["dec"], grads["dec"])
+        assert _same_bits(u["head"], grads["head"])
+    u = _update(
+        jop.project_orthonormal(
+            dimension_numbers={"enc": rows, "dec": None, "head": None, "act": None}
+        ),
+        grads,
+        params,
+    )
+    enc = np.asarray(params["enc"] + u["enc"], np.float64)
+    np.testing.assert_allclose(enc @ enc.T, np.eye(3), atol=2e-6)
+    np.testing.assert_allclose(enc, polar_ref(params["enc"], rows), atol=2e-6)
+
+
+def test_rank_deficient_groups_become_a_nearest_orthonormal_matrix() -> None:
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(True):
+        y = np.stack([rng.normal(size=(6, 1)) @ rng.normal(size=(1, 3)), np.zeros((6, 3))], 1)
+        params = jnp.asarray(y)
+        u = _update(jop.project_orthonormal(), jnp.zeros_like(params), params)
+        q = np.asarray(params + u)
+        for i in range(2):
+            qi, yi = q[:, i], y[:, i]
+            np.testing.assert_allclose(qi.T @ qi, np.eye(3), atol=1e-12)
+            # Nearest: |Y - Q|^2 = |Y|^2 + n - 2 sum(sigma), the minimum over all Q.
+            best = (yi**2).sum() + 3 - 2 * np.linalg.svd(yi, compute_uv=False).sum()
+            np.testing.assert_allclose(((yi - qi) ** 2).sum(), best, rtol=1e-10, atol=1e-12)
+
+
+def test_nan_propagates() -> None:
+    x = jnp.stack([jnp.eye(4, 2), jnp.eye(4, 2).at[0, 1].set(jnp.nan)], axis=1)  # (4, 2, 2)
+    for tx in (
+        jop.landing(1.0),
+        jop.landing(1.0, safe_step=0.5, learning_rate=0.1),
+        jop.project_orthonormal(),
+    ):
+        u = _update(tx, jnp.ones_like(x), x)
+        assert np.isnan(u[:, 1]).all()  # the whole NaN group
+        assert np.isfinite(u[:, 0]).all()  # and only it
+    u = _update(jop.landing(1.0), jnp.ones_like(x).at[0, 0, 0].set(jnp.nan), jnp.ones_like(x))
+    assert np.isnan(u[:, 0]).any()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+TRANSFORMS: dict[str, Callable[..., Any]] = {
+    "landing": lambda **kw: jop.landing(1.0, **kw),
+    "project": lambda **kw: jop.project_orthonormal(**kw),
+}
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_wide_groups_raise_naming_the_leaf(name: str) -> None:
+    params = {"net": {"wide": jnp.ones((3, 5))}}
+    tx = TRANSFORMS[name]()
+    with pytest.raises(ValueError, match=r"params leaf \['net'\]\['wide'\]: .*n > l"):
+        _update(tx, params, params)
+    # Laid out on its rows, the same leaf is fine.
+    tx = TRANSFORMS[name](dimension_numbers=OrthoDims(vector_axis=1, column_axis=0))
+    assert _update(tx, params, params)["net"]["wide"].shape == (3, 5)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_params_none_raises(name: str) -> None:
+    params = {"w": jnp.eye(3)}
+    for tx in (TRANSFORMS[name](), TRANSFORMS[name](mask={"w": True})):
+        with pytest.raises(ValueError, match="params"):
+            tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_bad_leaves_raise_naming_the_leaf(name: str) -> None:
+    params = {"w": jnp.eye(3)}
+    with pytest.raises(ValueError, match=r"params leaf \['w'\]: `updates` has shape"):
+        _update(TRANSFORMS[name](), {"w": jnp.ones((3, 2))}, params)
+    with pytest.raises(ValueError, match=r"params leaf \['w'\]: `vector_axis`=5"):
+        _update(TRANSFORMS[name](dimension_numbers=OrthoDims(5, 0)), params, params)
+    with pytest.raises(ValueError, match="`mask` must be"):
+        TRANSFORMS[name](mask=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lam": -1.0}, ValueError, "`lam` must be >= 0"),
+        ({"lam": jnp.ones(2)}, ValueError, "must be a scalar"),
+        ({"safe_step": 0.5}, ValueError, "`safe_step` and `learning_rate` go together"),
+        ({"learning_rate": 0.1}, ValueError, "`safe_step` and `learning_rate` go together"),
+        ({"safe_step": 0.0, "learning_rate": 0.1}, ValueError, "`safe_step` must be > 0"),
+    ],
+)
+def test_bad_landing_options_raise_at_construction(
+    kwargs: dict[str, Any], error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        jop.landing(**kwargs)
+
+
+# --------------------------------------------------------------------------- optax protocol
+
+
+def test_schedule_lam_follows_the_step_count() -> None:
+    x = {"w": 2 * jnp.eye(2)}
+    zeros = {"w": jnp.zeros((2, 2))}
+    tx = jop.landing(optax.piecewise_constant_schedule(1.0, {1: 3.0}))
+    state = tx.init(x)
+    first, state = tx.update(zeros, state, x)
+    second, state = tx.update(zeros, state, x)
+    np.testing.assert_allclose(first["w"], 6 * np.eye(2))  # lam X (X^T X - I), lam = 1
+    np.testing.assert_allclose(second["w"], 18 * np.eye(2))  # lam = 3
+    assert int(state.count) == 2
+
+
+def test_inject_hyperparams() -> None:
+    x = {"w": 2 * jnp.eye(2), "b": jnp.ones(2)}
+    zeros = jax.tree.map(jnp.zeros_like, x)
+    tx = optax.inject_hyperparams(jop.landing)(lam=1.0)
+    state = tx.init(x)
+    state.hyperparams["lam"] = jnp.array(0.5)
+    u, _ = jax.jit(tx.update)(zeros, state, x)
+    np.testing.assert_allclose(u["w"], 3 * np.eye(2))
+    fn = lambda p: {"w": True, "b": False}  # noqa: E731
+    for factory, kwargs in (
+        (jop.landing, {"lam": 1.0, "safe_step": 0.5, "learning_rate": 0.1}),
+        (jop.project_orthonormal, {}),
+    ):
+        tx = optax.inject_hyperparams(factory, static_args=("mask", "dimension_numbers"))(
+            mask=fn, **kwargs
+        )
+        u, _ = jax.jit(tx.update)(zeros, tx.init(x), x)
+        assert _same_bits(u["b"], zeros["b"]) and np.abs(np.asarray(u["w"])).max() > 0
+
+
+MATRIX: dict[str, Callable[[], Any]] = {
+    "landing": lambda: optax.chain(jop.landing(1.0), optax.sgd(0.05)),
+    "landing-safe-schedule": lambda: optax.chain(
+        jop.landing(
+            optax.linear_schedule(0.5, 1.0, 5),
+            safe_step=0.5,
+            learning_rate=optax.cosine_decay_schedule(0.05, 10),
+        ),
+        optax.scale_by_learning_rate(optax.cosine_decay_schedule(0.05, 10)),
+    ),
+    "inject": lambda: optax.chain(optax.inject_hyperparams(jop.landing)(lam=1.0), optax.sgd(0.05)),
+    "project": lambda: optax.chain(optax.sgd(0.05), jop.project_orthonormal()),
+    "project-masked": lambda: optax.chain(
+        optax.adam(0.05), jop.project_orthonormal(mask={"w": True, "k": True, "b": False})
+    ),
+}
+
+
+def _params(dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(8)
+    return {
+        "w": jnp.asarray(_rand(rng, 6, 3), dtype),
+        "k": jnp.asarray(_rand(rng, 5, 2, 3), dtype),
+        "b": jnp.ones(3, dtype),
+    }
+
+
+def _loss(p: Any) -> jax.Array:
+    return jnp.sum(jnp.sin(p["w"])) + jnp.sum(p["k"] ** 2) + jnp.sum(p["b"] ** 2)
+
+
+def _step(opt: Any, wrap: Callable[[Any], Any] = lambda f: f) -> Callable[..., Any]:
+    def step(params: Any, state: Any) -> tuple[Any, Any]:
+        updates, state = wrap(opt.update)(jax.grad(_loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_jit_without_retrace_and_scan_of_checkpoint_agree(name: str) -> None:
+    opt = MATRIX[name]()
+    params = _params()
+    traces = []
+    plain = _step(opt)
+
+    @jax.jit
+    def jitted(p: Any, s: Any) -> Any:
+        traces.append(None)
+        return plain(p, s)
+
+    p1, s1 = params, opt.init(params)
+    for _ in range(4):
+        p1, s1 = jitted(p1, s1)
+    assert len(traces) == 1
+    # The same four steps as a lax.scan over a jax.checkpoint-ed update.
+    remat = _step(opt, jax.checkpoint)
+    scanned = jax.jit(
+        lambda p, s: jax.lax.scan(lambda c, _: (remat(*c), None), (p, s), None, length=4)[0]
+    )
+    p2, _ = scanned(params, opt.init(params))
+    for k in params:
+        np.testing.assert_allclose(p2[k], p1[k], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(p1["w"], params["w"])
+
+
+# optax's schedules and Adam mix float and int32 counts, which strict promotion
+# rejects: these chains use neither.
+STRICT: dict[str, Callable[[], Any]] = {
+    "landing": MATRIX["landing"],
+    "landing-safe": lambda: optax.chain(
+        jop.landing(0.5, safe_step=0.5, learning_rate=0.05), optax.sgd(0.05)
+    ),
+    "inject": MATRIX["inject"],
+    "project-masked": lambda: optax.chain(
+        optax.sgd(0.05), jop.project_orthonormal(mask={"w": True, "k": True, "b": False})
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("name", STRICT)
+def test_dtypes_kept_under_strict_promotion(name: str, dtype: Any) -> None:
+    with jax.numpy_dtype_promotion("strict"):
+        opt = STRICT[name]()
+        params = _params(dtype)
+        new, _ = jax.jit(_step(opt))(params, jax.jit(opt.init)(params))
+        assert jax.tree.map(lambda u: u.dtype, new) == {"w": dtype, "k": dtype, "b": dtype}
+        assert all(bool(jnp.isfinite(v).all()) for v in jax.tree.leaves(new))
+        # Mixed: float32 updates on bfloat16 params computes in float32.
+        x = jnp.eye(4, 2, dtype=jnp.bfloat16)
+        u = _update(jop.landing(1.0), jnp.ones((4, 2), jnp.float32), x)
+        assert u.dtype == jnp.float32
+
+
+def test_bfloat16_landing_is_close_to_the_reference() -> None:
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(_rand(rng, 8, 3), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(8, 3)), jnp.bfloat16)
+    got = np.asarray(_update(jop.landing(0.5), g, x), np.float64)
+    expected = landing_ref(np.asarray(x, np.float64), np.asarray(g, np.float64), 0.5)
+    np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def _child() -> None:  # pragma: no cover - runs in the subprocess
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    assert len(jax.devices()) == 8
+    pattern = r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("
+    records = {}
+    key = jax.random.key(0)
+    params = {
+        "w": jax.random.normal(key, (16, 32, 8)),  # (l, m, n), groups on axis 1
+        "conv": jax.random.normal(key, (3, 3, 4, 8, 16)),  # groups last
+        "b": jnp.ones(8),
+    }
+    dims = {"w": OrthoDims(), "conv": OrthoDims((0, 1, 2), 3), "b": None}
+    transforms = {
+        "landing": optax.chain(
+            jop.landing(1.0, dimension_numbers=dims, safe_step=0.5, learning_rate=0.1),
+            optax.sgd(0.1),
+        ),
+        "project": optax.chain(optax.sgd(0.1), jop.project_orthonormal(dimension_numbers=dims)),
+    }
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
+        shardings = {
+            "w": NamedSharding(mesh, P(None, "x", None)),
+            "conv": NamedSharding(mesh, P(None, None, None, None, "x")),
+            "b": NamedSharding(mesh, P()),
+        }
+        for name, tx in transforms.items():
+
+            def step(g: Any, p: Any, tx: Any = tx) -> Any:
+                return optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])
+
+            grads = jax.tree.map(jnp.cos, params)
+            want = jax.jit(step)(grads, params)
+            sharded = [jax.device_put(t, shardings) for t in (grads, params)]
+            f = jax.jit(step)
+            hlo = f.lower(*sharded).compile().as_text()
+            got = f(*sharded)
+            records[f"{axis_type.name}-{name}"] = {
+                "err": max(float(jnp.max(jnp.abs(got[k] - want[k]))) for k in ("w", "conv", "b")),
+                "collectives": re.findall(pattern, hlo),
+                "specs": {k: str(got[k].sharding.spec) for k in ("w", "conv")},
+            }
+    print("RECORDS " + json.dumps(records))
+
+
+def test_group_sharded_params_need_no_gather() -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_ENABLE_X64": "0",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(root), str(root / "tests"), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RECORDS "))
+    records = json.loads(line.removeprefix("RECORDS "))
+    assert len(records) == 4
+    for name, rec in records.items():
+        assert rec["err"] < 1e-5, (name, rec)
+        assert "all-gather" not in rec["collectives"], (name, rec)
+        assert "all-to-all" not in rec["collectives"], (name, rec)
+        assert "'x'" in rec["specs"]["w"] and "'x'" in rec["specs"]["conv"], (name, rec)
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def test_soft_or_exact_page_code_runs() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "soft-or-exact.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", page, flags=re.M | re.S)
+    assert len(blocks) == 3
+    namespace: dict[str, Any] = {}
+    with jax.numpy_rank_promotion("allow"):  # user code, as the docs show it
+        for block in blocks:
+            exec(compile(block, "docs/soft-or-exact.md", "exec"), namespace)
+
+
+if __name__ == "__main__":
+    _child()

@@ -261,8 +261,10 @@ def check_phi(phi: ArrayLike) -> jax.Array:
     return jnp.asarray(phi)
 
 
-def check_beta(beta: ArrayLike, acc: jnp.dtype) -> jax.Array:
-    """Converts ``beta`` to a real scalar array; integers become ``acc``.
+def check_beta(beta: ArrayLike, acc: jnp.dtype, name: str = "beta") -> jax.Array:
+    """Converts a strength (``beta``, or another one named ``name``) to a real scalar array.
+
+    Integers become ``acc``.
 
     A concrete ``beta`` (a Python or NumPy number, or a JAX array that is not being
     traced) must be finite and ``>= 0`` in ``acc``: a negative strength rewards
@@ -272,37 +274,37 @@ def check_beta(beta: ArrayLike, acc: jnp.dtype) -> jax.Array:
     """
     if isinstance(beta, (bool, np.bool_, str, bytes)):
         raise TypeError(
-            f"`beta` must be a real scalar (a float, an int or a scalar array), got {beta!r}."
+            f"`{name}` must be a real scalar (a float, an int or a scalar array), got {beta!r}."
         )
     if isinstance(beta, int):
         try:  # a Python int of any size: as the float it means, or a clear error
             beta = float(beta)
         except OverflowError:
-            raise ValueError(f"`beta`={beta} is too large for a float.") from None
+            raise ValueError(f"`{name}`={beta} is too large for a float.") from None
     if isinstance(beta, float) and not abs(beta) <= float(np.finfo(jnp.result_type(float)).max):
         raise ValueError(
-            f"`beta` must be finite and >= 0 (in {jnp.result_type(float)}), got {beta!r}."
+            f"`{name}` must be finite and >= 0 (in {jnp.result_type(float)}), got {beta!r}."
         )
     try:
         beta_arr = jnp.asarray(beta)
     except (TypeError, ValueError, OverflowError) as e:
         raise TypeError(
-            f"`beta` must be a real scalar (a float, an int or a scalar array), got {beta!r} "
+            f"`{name}` must be a real scalar (a float, an int or a scalar array), got {beta!r} "
             f"of type {type(beta).__name__}."
         ) from e
     if beta_arr.ndim != 0:
-        raise ValueError(f"`beta` must be a scalar, got an array of shape {beta_arr.shape}.")
+        raise ValueError(f"`{name}` must be a scalar, got an array of shape {beta_arr.shape}.")
     if not jnp.issubdtype(beta_arr.dtype, jnp.integer) and not jnp.issubdtype(
         beta_arr.dtype, jnp.floating
     ):
-        raise TypeError(f"`beta` must be a real scalar, got dtype {beta_arr.dtype}.")
+        raise TypeError(f"`{name}` must be a real scalar, got dtype {beta_arr.dtype}.")
     if not jnp.issubdtype(beta_arr.dtype, jnp.floating):
         beta_arr = beta_arr.astype(acc)
     if not isinstance(beta_arr, jax.core.Tracer):
         value = np.asarray(beta_arr).astype(np.promote_types(beta_arr.dtype, acc))
         if not (np.isfinite(value) and value >= 0):
             raise ValueError(
-                f"`beta` must be finite and >= 0 (in {jnp.dtype(acc)}), got {beta!r}. "
+                f"`{name}` must be finite and >= 0 (in {jnp.dtype(acc)}), got {beta!r}. "
                 "A negative strength rewards non-orthogonality without bound."
             )
     return beta_arr

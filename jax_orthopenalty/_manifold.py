@@ -140,7 +140,7 @@ def _landing_leaf(
     layout = _check_group(phi, updates, vector_axis, column_axis)
     acc = _acc_dtype(phi, updates)
     x, g = phi.astype(acc), updates.astype(acc)
-    lam = check_beta(lam, acc).astype(acc)
+    lam = check_beta(lam, acc, name="lam").astype(acc)
     c = _contract.gram(layout, x, precision=precision, acc=acc)
     # The cross Gram G_i^T X_i: the Gram's einsum with two operands.
     s = jnp.einsum(
@@ -465,9 +465,7 @@ def landing(
     """
     _check_mask(mask)
     if not callable(lam):
-        lam_arr = check_beta(lam, jnp.dtype(jnp.float32))
-        if not isinstance(lam_arr, jax.core.Tracer) and bool(lam_arr < 0):
-            raise ValueError(f"`lam` must be >= 0, got {lam!r}.")
+        check_beta(lam, jnp.dtype(jnp.float32), name="lam")
     if (safe_step is None) != (learning_rate is None):
         raise ValueError(
             "`safe_step` and `learning_rate` go together: the safe step clips the step "
@@ -475,7 +473,7 @@ def landing(
             f"safe_step={safe_step!r}, learning_rate={learning_rate!r}."
         )
     if safe_step is not None:
-        eps = check_beta(safe_step, jnp.dtype(jnp.float32))
+        eps = check_beta(safe_step, jnp.dtype(jnp.float32), name="safe_step")
         if not isinstance(eps, jax.core.Tracer) and not bool(eps > 0):
             raise ValueError(f"`safe_step` must be > 0 (the band's radius), got {safe_step!r}.")
 

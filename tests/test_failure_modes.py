@@ -327,6 +327,7 @@ def test_more_columns_than_vectors_lower_bound(norm: str) -> None:
     assert per_group[100:].min() < 2.0 + 0.05  # the bound is tight, not vacuous
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 @pytest.mark.parametrize("norm", ["l1", "squared"])
 def test_more_columns_than_vectors_optimisation_reaches_n_minus_l(norm: str) -> None:
     """Adam with a decaying step, from a random start, converges to n - l = 2 for
@@ -611,7 +612,7 @@ def test_bad_beta_raises_naming_beta(beta: Any, error: type, match: str) -> None
 
 
 def test_schedule_beta_is_checked_at_each_update_even_with_no_leaf_selected() -> None:
-    tx = jop.add_orthogonality_penalty(lambda count: -1.0 + count)
+    tx = jop.add_orthogonality_penalty(lambda count: count.astype(jnp.float32) - 1.0)
     params = {"b": jnp.ones(3)}  # rank 1: nothing selected
     with pytest.raises(ValueError, match=r"`beta` must be finite and >= 0"):
         tx.update(params, tx.init(params), params)

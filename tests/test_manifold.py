@@ -185,6 +185,7 @@ def test_documented_chains_solve_pca(make: Callable[[], Any]) -> None:
     assert abs(float(value) - optimum) <= 1e-3 * abs(optimum)
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 def test_adam_chain_reaches_the_optimum_with_the_tangent_gradient_first() -> None:
     # Adam's steps do not shrink at the optimum: the distance to the manifold is of
     # the order of the step size, so it lands as the learning rate decays. Adam on
@@ -406,7 +407,7 @@ def test_bad_leaves_raise_naming_the_leaf(name: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"lam": -1.0}, ValueError, "`lam` must be >= 0"),
+        ({"lam": -1.0}, ValueError, "`lam` must be finite and >= 0"),
         ({"lam": jnp.ones(2)}, ValueError, "must be a scalar"),
         ({"safe_step": 0.5}, ValueError, "`safe_step` and `learning_rate` go together"),
         ({"learning_rate": 0.1}, ValueError, "`safe_step` and `learning_rate` go together"),
@@ -423,6 +424,7 @@ def test_bad_landing_options_raise_at_construction(
 # --------------------------------------------------------------------------- optax protocol
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 def test_schedule_lam_follows_the_step_count() -> None:
     x = {"w": 2 * jnp.eye(2)}
     zeros = {"w": jnp.zeros((2, 2))}
@@ -494,7 +496,16 @@ def _step(opt: Any, wrap: Callable[[Any], Any] = lambda f: f) -> Callable[..., A
     return step
 
 
-@pytest.mark.parametrize("name", MATRIX)
+@pytest.mark.parametrize(
+    "name",
+    [
+        # optax's schedules and adam are not strict-clean: see conftest.py.
+        pytest.param(n, marks=pytest.mark.optax_promotion)
+        if n in ("landing-safe-schedule", "project-masked")
+        else n
+        for n in MATRIX
+    ],
+)
 def test_jit_without_retrace_and_scan_of_checkpoint_agree(name: str) -> None:
     opt = MATRIX[name]()
     params = _params()
@@ -643,6 +654,7 @@ def test_group_sharded_params_need_no_gather() -> None:
 # --------------------------------------------------------------------------- docs
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 def test_soft_or_exact_page_code_runs() -> None:
     page = (Path(__file__).resolve().parents[1] / "docs" / "soft-or-exact.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", page, flags=re.M | re.S)

@@ -10,6 +10,7 @@ from ._rules import Norm as Norm
 from ._rules import Subgradient as Subgradient
 from ._rules import deadzone as deadzone
 from ._rules import huber as huber
+from ._rules import spectral as spectral
 from ._transform import AddOrthogonalityPenaltyState as AddOrthogonalityPenaltyState
 from ._transform import OrthoDims as OrthoDims
 from ._transform import add_orthogonality_penalty as add_orthogonality_penalty
@@ -28,5 +29,6 @@ __all__ = [
     "orthogonality_error",
     "orthogonality_penalty",
     "orthogonality_penalty_grad",
+    "spectral",
     "tree_orthogonality_penalty",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ._rules import Norm, Rule, Subgradient, make_rule
+from ._rules import Norm, Rule, Subgradient, make_rule, spectral, subgradient_fn
 
 __all__ = [
     "DEFAULT_PRECISION",
@@ -33,6 +33,7 @@ __all__ = [
     "accumulation_dtype",
     "check_beta",
     "check_flag",
+    "check_normalize_eps",
     "check_phi",
     "make_layout",
     "make_spec",
@@ -42,8 +43,10 @@ DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
 """The default matmul precision of the Gram matrix: full float32 on GPU and TPU."""
 
 NORMALIZE_EPS = 1e-12
-r"""``normalize=True`` divides column :math:`j` by :math:`\sqrt{\max(|\phi_j|^2, 10^{-12})}`,
-as ``tf.math.l2_normalize`` (and so Keras' ``OrthogonalRegularizer``) does."""
+r"""The default ``normalize_eps``: ``normalize=True`` divides column :math:`j` by
+:math:`\sqrt{\max(|\phi_j|^2, \epsilon)}`, :math:`\epsilon = 10^{-12}` as
+``tf.math.l2_normalize`` (and so Keras 2's ``OrthogonalRegularizer``) does; Keras 3's
+floor of :math:`10^{-7}` on the norm is ``normalize_eps=1e-14``."""
 
 VectorAxis = int | Sequence[int]
 
@@ -168,6 +171,19 @@ class Spec:
     off_diagonal: bool
     normalize: bool
     double_sided: bool
+    normalize_eps: float = NORMALIZE_EPS
+
+
+def check_normalize_eps(value: object) -> float:
+    """``normalize_eps``: a static, finite, positive Python float (or int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            "`normalize_eps` must be a Python float (static, the floor on the squared "
+            f"column norm), got {value!r} of type {type(value).__name__}."
+        )
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`normalize_eps` must be finite and > 0, got {value!r}.")
+    return float(value)
 
 
 def check_flag(name: str, value: object) -> bool:
@@ -187,6 +203,7 @@ def make_spec(
     off_diagonal: bool,
     normalize: bool,
     double_sided: bool,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> Spec:
     """Validates every static option against ``phi`` (at trace time)."""
     spec = Spec(
@@ -196,15 +213,27 @@ def make_spec(
         off_diagonal=check_flag("off_diagonal", off_diagonal),
         normalize=check_flag("normalize", normalize),
         double_sided=check_flag("double_sided", double_sided),
+        normalize_eps=check_normalize_eps(normalize_eps),
     )
-    if not isinstance(norm, str) or norm == "l1":
-        _check_derivative_shape(spec.rule, subgradient)
+    if spec.double_sided and spec.rule.per_group:
+        # The row term of a matrix norm is not a sum over entries of the l x l residual:
+        # for the spectral norm it is max(column term, [l > n]), so it adds nothing but a
+        # constant; the max norm's would be one more arg-max. Neither is implemented.
+        raise ValueError(
+            f"`double_sided=True` is not supported with norm={norm!r}: it is defined for "
+            "the entrywise norms ('l1', 'squared', huber). For the spectral norm the row "
+            "term ||Phi Phi^T - I||_2 equals the column term (or 1 when l > n)."
+        )
+    if norm in ("l1", "spectral", "max") or isinstance(norm, spectral):
+        _check_derivative_shape(subgradient_fn(subgradient), subgradient)
     return spec
 
 
-def _check_derivative_shape(rule: Rule, subgradient: Subgradient) -> None:
+def _check_derivative_shape(
+    fn: Callable[[jax.Array], jax.Array], subgradient: Subgradient
+) -> None:
     probe = jax.ShapeDtypeStruct((2, 3), jnp.float32)  # type: ignore[no-untyped-call]
-    out = jax.eval_shape(rule.derivative, probe)
+    out = jax.eval_shape(fn, probe)
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != probe.shape:
         got = getattr(out, "shape", type(out).__name__)
         raise TypeError(

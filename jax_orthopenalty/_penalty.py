@@ -45,6 +45,7 @@ from ._layout import (
     accumulation_dtype,
     check_beta,
     check_flag,
+    check_normalize_eps,
     check_phi,
     make_layout,
     make_spec,
@@ -152,12 +153,12 @@ def _residual(spec: Spec, phi: jax.Array, acc: Any) -> _Gram:
     gram = _gram(spec, phi, acc)
     eye = _eye(gram.shape[-1], gram.ndim, acc)
     sq = jnp.diagonal(gram, axis1=-2, axis2=-1)
-    inv_norm = jax.lax.rsqrt(jnp.maximum(sq, NORMALIZE_EPS))
+    inv_norm = jax.lax.rsqrt(jnp.maximum(sq, spec.normalize_eps))
     x = gram * inv_norm[..., :, None] * inv_norm[..., None, :] - eye
     # A normalised column has |psi_j|^2 = 1 identically, so X_jj = 0 with zero
     # derivative. Say so exactly instead of leaving 1 - |psi_j|^2 ~ 1e-16 to the
     # kink's convention. NaN fails `sq > eps` and stays.
-    unit_diagonal = (eye == 1) & (sq > NORMALIZE_EPS)[..., None, :]
+    unit_diagonal = (eye == 1) & (sq > spec.normalize_eps)[..., None, :]
     x = jnp.where(unit_diagonal, 0, x)
     return _Gram(phi, col_scale, gram, x, eye, inv_norm, unit_diagonal)
 
@@ -166,12 +167,16 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     acc = accumulation_dtype(phi.dtype)
     g = _residual(spec, phi, acc)
     x, eye, inv_norm, unit_diagonal = g.x, g.eye, g.inv_norm, g.unit_diagonal
-    fx, f_prime = spec.rule.value(x), spec.rule.derivative(x)
+    if spec.off_diagonal:
+        # X with its diagonal zeroed goes into the norm (entrywise or matrix), and F
+        # comes out masked too. A product, not a select: NaN and Inf on the diagonal
+        # still reach the value.
+        x = x * (1 - eye)
+    fx, f_prime = spec.rule(x)
     if unit_diagonal is not None:
         f_prime = jnp.where(unit_diagonal, 0, f_prime)
     if spec.off_diagonal:
-        # A product, not a select: NaN and Inf on the diagonal still reach the value.
-        fx, f_prime = fx * (1 - eye), f_prime * (1 - eye)
+        f_prime = f_prime * (1 - eye)
     total = jnp.sum(fx)
     row_f_prime = None
     if spec.double_sided:
@@ -214,7 +219,7 @@ def _normalized_backward(
     r = res.inv_norm
     # Through Psi = Phi D with nu = sqrt(max(C_jj, eps)); d nu / d phi is 0 where
     # C_jj <= eps, which is where the max picks eps.
-    live = (jnp.diagonal(res.gram, axis1=-2, axis2=-1) > NORMALIZE_EPS).astype(r.dtype)
+    live = (jnp.diagonal(res.gram, axis1=-2, axis2=-1) > spec.normalize_eps).astype(r.dtype)
     if not spec.double_sided:
         # One matmul: Phi (D W D - diag(c_j live_j / nu_j^3)), c_j = (C D W)_jj.
         c = jnp.einsum("...jk,...k,...kj->...j", res.gram, r, w, precision=spec.precision)
@@ -303,6 +308,7 @@ def orthogonality_penalty(
     off_diagonal: bool = False,
     normalize: bool = False,
     double_sided: bool = False,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> jax.Array:
     r"""The orthogonality penalty, with a closed-form backward pass.
 
@@ -344,10 +350,16 @@ def orthogonality_penalty(
         conv kernel's ``(0, 1, 2)``) of the :math:`l`-vectors: contracted in the Gram.
       column_axis: the axis that indexes the :math:`n` vectors of a group. Every axis
         that is neither a vector nor the column axis is a group axis.
-      norm: the entrywise :math:`f`: ``"l1"`` (:math:`|x|`), ``"squared"``
-        (:math:`x^2`, the Frobenius² "soft orthogonality" penalty) or
-        :func:`huber` ``(delta)``.
-      subgradient: the derivative of :math:`|x|` for ``norm="l1"``: ``"zero"``
+      norm: :math:`f`. Entrywise, summed over the entries: ``"l1"``
+        (:math:`|x|`), ``"squared"`` (:math:`x^2`, the Frobenius² "soft
+        orthogonality" penalty) or :func:`huber` ``(delta)``. Per group:
+        ``"spectral"`` or :func:`spectral` ``(squared=False, iterations=None)``
+        (:math:`\lVert X_i\rVert_2`, the largest :math:`|\lambda|`; squared: SRIP),
+        ``"max"`` (:math:`\max_{jk} |X_i|_{jk}`; mutual coherence with
+        ``off_diagonal=True, normalize=True``). Every one keeps the one-matmul
+        backward pass :math:`\beta\,\Phi_i (F_i + F_i^\top)`.
+      subgradient: the derivative of :math:`|x|` wherever the norm needs it
+        (``"l1"``; ``"max"`` and ``"spectral"`` at :math:`X_i = 0`): ``"zero"``
         (sign(0) = 0, default), ``"positive"`` (sign(0) = 1, what autodiff does),
         ``"negative"`` (sign(0) = -1), :func:`deadzone` ``(tol)``, or a callable
         ``x -> s`` with values in [-1, 1]. Ignored by the smooth norms. Static.
@@ -357,13 +369,19 @@ def orthogonality_penalty(
       off_diagonal: leave the diagonal of :math:`\Phi_i^\top\Phi_i - I` out (BigGAN,
         Sonnet, Keras): only the angles are penalised, not the norms.
       normalize: scale the columns to unit norm first, dividing by
-        :math:`\sqrt{\max(|\phi_j|^2, 10^{-12})}`, so the penalty acts on cosines
+        :math:`\sqrt{\max(|\phi_j|^2, \epsilon)}`, so the penalty acts on cosines
         (Keras). The gradient goes through the normalisation. The diagonal of a
         normalised column's Gram is exactly 1; a zero column has cosines 0 and
         :math:`X_{jj} = -1`, with a finite gradient.
       double_sided: also add :math:`\sum f(\Phi_i\Phi_i^\top - I_l)` (DSO). It can
         only be 0 for square groups (:math:`l = n`); for :math:`l \neq n` its
-        minimum is positive and it pulls towards a tight frame.
+        minimum is positive and it pulls towards a tight frame. Entrywise norms
+        only (``ValueError`` with ``"spectral"`` or ``"max"``).
+      normalize_eps: the floor :math:`\epsilon` on the squared column norm under
+        ``normalize``: column :math:`j` is divided by
+        :math:`\sqrt{\max(|\phi_j|^2, \epsilon)}`. ``1e-12`` (default) is
+        ``tf.math.l2_normalize`` (Keras 2), ``1e-14`` is Keras 3's floor of
+        :math:`10^{-7}` on the norm. A static, finite, positive Python float.
 
     Returns:
       The scalar penalty, in ``phi``'s dtype (accumulated in float32 for
@@ -371,7 +389,8 @@ def orthogonality_penalty(
 
     Raises:
       ValueError: rank < 2, axes out of range or overlapping, a non-scalar
-        ``beta``, an unknown ``norm`` or ``subgradient`` name.
+        ``beta``, an unknown ``norm`` or ``subgradient`` name, a ``normalize_eps``
+        that is not finite and positive, ``double_sided`` with a matrix norm.
       TypeError: a non-floating or complex ``phi``, options of the wrong type.
 
     Examples:
@@ -401,6 +420,7 @@ def orthogonality_penalty(
         off_diagonal=off_diagonal,
         normalize=normalize,
         double_sided=double_sided,
+        normalize_eps=normalize_eps,
     )
     return _penalty(spec, phi_arr, beta_arr)
 
@@ -417,6 +437,7 @@ def orthogonality_penalty_grad(
     off_diagonal: bool = False,
     normalize: bool = False,
     double_sided: bool = False,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> jax.Array:
     r"""The closed-form gradient of :func:`orthogonality_penalty`, as plain JAX.
 
@@ -438,12 +459,14 @@ def orthogonality_penalty_grad(
       beta: the strength, a Python float or a scalar array.
       vector_axis: the axis or axes of the vectors.
       column_axis: the axis of the columns.
-      norm: ``"l1"``, ``"squared"`` or :func:`huber` ``(delta)``.
-      subgradient: the kink convention for ``"l1"``.
+      norm: ``"l1"``, ``"squared"``, :func:`huber` ``(delta)``, ``"spectral"``,
+        :func:`spectral` ``(...)`` or ``"max"``.
+      subgradient: the kink convention (``"l1"``, and ``"max"``/``"spectral"`` at 0).
       precision: the matmul precision, ``HIGHEST`` by default.
       off_diagonal: leave the diagonal out.
       normalize: penalise the cosines of unit-norm columns.
       double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term.
+      normalize_eps: the floor on the squared column norm under ``normalize``.
 
     Returns:
       An array of ``phi``'s shape and dtype.
@@ -474,6 +497,7 @@ def orthogonality_penalty_grad(
         off_diagonal=off_diagonal,
         normalize=normalize,
         double_sided=double_sided,
+        normalize_eps=normalize_eps,
     )
     res = _forward(spec, phi_arr)
     scale = beta_arr.astype(res.total.dtype)
@@ -488,6 +512,7 @@ def orthogonality_error(
     precision: Any = DEFAULT_PRECISION,
     off_diagonal: bool = False,
     normalize: bool = False,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> jax.Array:
     r"""How far each group is from orthonormal, for logging and tests.
 
@@ -510,6 +535,7 @@ def orthogonality_error(
       off_diagonal: leave the diagonal out (only the inner products count).
       normalize: measure the unit-norm columns (cosines), as
         :func:`orthogonality_penalty` does with ``normalize=True``.
+      normalize_eps: the floor on the squared column norm under ``normalize``.
 
     Returns:
       An array over the group axes, in their order in ``phi`` (a scalar for a 2-D
@@ -537,6 +563,7 @@ def orthogonality_error(
         off_diagonal=check_flag("off_diagonal", off_diagonal),
         normalize=check_flag("normalize", normalize),
         double_sided=False,
+        normalize_eps=check_normalize_eps(normalize_eps),
     )
     acc = accumulation_dtype(phi_arr.dtype)
     g = _residual(spec, phi_arr, acc)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from ._layout import DEFAULT_PRECISION, check_beta
+from ._layout import DEFAULT_PRECISION, NORMALIZE_EPS, check_beta
 from ._penalty import orthogonality_penalty, orthogonality_penalty_grad
 from ._rules import Norm, Subgradient
 
@@ -274,6 +274,7 @@ def add_orthogonality_penalty(
     off_diagonal: bool = False,
     normalize: bool = False,
     double_sided: bool = False,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> optax.GradientTransformation:
     r"""Adds the gradient of the orthogonality penalty to the updates.
 
@@ -341,13 +342,15 @@ def add_orthogonality_penalty(
         ``mask`` leaves out. An :class:`OrthoDims` that does not fit its leaf
         raises :func:`orthogonality_penalty`'s ``ValueError``, prefixed with the
         leaf's path, when the update is traced.
-      norm: the entrywise norm, ``"l1"``, ``"squared"`` or :func:`huber`.
-      subgradient: the kink convention of ``"l1"`` (see
-        :func:`orthogonality_penalty`); static.
+      norm: the norm: ``"l1"``, ``"squared"``, :func:`huber`, ``"spectral"``,
+        :func:`spectral` or ``"max"`` (see :func:`orthogonality_penalty`).
+      subgradient: the kink convention (see :func:`orthogonality_penalty`); static.
       precision: the matmul precision, ``HIGHEST`` by default.
       off_diagonal: leave the diagonal of :math:`\Phi_i^\top\Phi_i - I` out.
       normalize: penalise the cosines of unit-norm columns.
-      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term.
+      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term (entrywise norms).
+      normalize_eps: the floor on the squared column norm under ``normalize``
+        (``1e-12``; ``1e-14`` for Keras 3); a static Python float.
 
     Returns:
       An ``optax.GradientTransformation``, wrapped in ``optax.masked`` when ``mask``
@@ -432,6 +435,7 @@ def add_orthogonality_penalty(
         off_diagonal=off_diagonal,
         normalize=normalize,
         double_sided=double_sided,
+        normalize_eps=normalize_eps,
     )
     # Trace the core once on a small probe, so that bad options raise here and
     # with the core's own messages, not at the first update.
@@ -479,6 +483,7 @@ def tree_orthogonality_penalty(
     off_diagonal: bool = False,
     normalize: bool = False,
     double_sided: bool = False,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> jax.Array:
     r"""The orthogonality penalty summed over the selected leaves of a pytree.
 
@@ -501,12 +506,14 @@ def tree_orthogonality_penalty(
         is the unscaled sum).
       mask: as in :func:`add_orthogonality_penalty`.
       dimension_numbers: as in :func:`add_orthogonality_penalty`.
-      norm: ``"l1"``, ``"squared"`` or :func:`huber`.
-      subgradient: the kink convention of ``"l1"``.
+      norm: ``"l1"``, ``"squared"``, :func:`huber`, ``"spectral"``, :func:`spectral`
+        or ``"max"``.
+      subgradient: the kink convention (see :func:`orthogonality_penalty`).
       precision: the matmul precision, ``HIGHEST`` by default.
       off_diagonal: leave the diagonal out.
       normalize: penalise the cosines of unit-norm columns.
-      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term.
+      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term (entrywise norms).
+      normalize_eps: the floor on the squared column norm under ``normalize``.
 
     Returns:
       A scalar: the sum of the leaves' penalties, in their promoted dtype; a
@@ -529,6 +536,7 @@ def tree_orthogonality_penalty(
         off_diagonal=off_diagonal,
         normalize=normalize,
         double_sided=double_sided,
+        normalize_eps=normalize_eps,
     )
     _, leaves = _select(_masked_view(params, mask), dimension_numbers)
     terms = [

@@ -179,7 +179,9 @@ def check_normalize_eps(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             "`normalize_eps` must be a Python float (static, the floor on the squared "
-            f"column norm), got {value!r} of type {type(value).__name__}."
+            f"column norm), got {value!r} of type {type(value).__name__}. Under "
+            "optax.inject_hyperparams, name it in static_args: "
+            'static_args=("normalize_eps",).'
         )
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"`normalize_eps` must be finite and > 0, got {value!r}.")

@@ -274,7 +274,7 @@ def add_orthogonality_penalty(
     off_diagonal: bool = False,
     normalize: bool = False,
     double_sided: bool = False,
-    normalize_eps: float = NORMALIZE_EPS,
+    normalize_eps: float | None = None,
 ) -> optax.GradientTransformation:
     r"""Adds the gradient of the orthogonality penalty to the updates.
 
@@ -349,8 +349,11 @@ def add_orthogonality_penalty(
       off_diagonal: leave the diagonal of :math:`\Phi_i^\top\Phi_i - I` out.
       normalize: penalise the cosines of unit-norm columns.
       double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term (entrywise norms).
-      normalize_eps: the floor on the squared column norm under ``normalize``
-        (``1e-12``; ``1e-14`` for Keras 3); a static Python float.
+      normalize_eps: the floor on the squared column norm under ``normalize``: a
+        static Python float, ``1e-14`` for Keras 3; ``None`` (default) is ``1e-12``.
+        (``None`` rather than ``1e-12`` because ``optax.inject_hyperparams`` would
+        turn a float default into a traced hyperparameter; pass a float through it
+        only with ``static_args=("normalize_eps",)``.)
 
     Returns:
       An ``optax.GradientTransformation``, wrapped in ``optax.masked`` when ``mask``
@@ -435,7 +438,7 @@ def add_orthogonality_penalty(
         off_diagonal=off_diagonal,
         normalize=normalize,
         double_sided=double_sided,
-        normalize_eps=normalize_eps,
+        normalize_eps=NORMALIZE_EPS if normalize_eps is None else normalize_eps,
     )
     # Trace the core once on a small probe, so that bad options raise here and
     # with the core's own messages, not at the first update.

@@ -273,12 +273,34 @@ def test_normalize_eps_is_validated_on_every_entry_point(eps, error):
         lambda: jop.orthogonality_penalty(phi, normalize=True, normalize_eps=eps),
         lambda: jop.orthogonality_penalty_grad(phi, normalize=True, normalize_eps=eps),
         lambda: jop.orthogonality_error(phi, normalize=True, normalize_eps=eps),
-        lambda: jop.add_orthogonality_penalty(1.0, normalize=True, normalize_eps=eps),
         lambda: jop.tree_orthogonality_penalty({"w": phi}, 1.0, normalize_eps=eps),
     ]
+    if eps is not None:  # None is the transform's default (1e-12)
+        calls.append(lambda: jop.add_orthogonality_penalty(1.0, normalize_eps=eps))
     for call in calls:
         with pytest.raises(error, match="normalize_eps"):
             call()
+
+
+def test_normalize_eps_under_inject_hyperparams():
+    # The transform's default is None, so inject_hyperparams leaves it static; a float
+    # passed through it must be named in static_args (else it arrives as an array).
+    params = {"w": jnp.asarray(RNG.normal(size=(5, 3)), jnp.float32)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    expected = jop.orthogonality_penalty_grad(
+        params["w"], 0.5, normalize=True, normalize_eps=1e-14
+    )
+    inject = optax.inject_hyperparams(jop.add_orthogonality_penalty, static_args="normalize_eps")
+    tx = inject(beta=0.5, normalize=True, normalize_eps=1e-14)
+    u, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(expected), rtol=1e-6)
+    tx = optax.inject_hyperparams(jop.add_orthogonality_penalty)(beta=0.5, normalize=True)
+    u, _ = tx.update(zeros, tx.init(params), params)
+    expected = jop.orthogonality_penalty_grad(params["w"], 0.5, normalize=True)
+    np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(expected), rtol=1e-6)
+    tx = optax.inject_hyperparams(jop.add_orthogonality_penalty)(beta=0.5, normalize_eps=1e-14)
+    with pytest.raises(TypeError, match="static_args"):
+        tx.init(params)
 
 
 # ------------------------------------------------------------------ validation

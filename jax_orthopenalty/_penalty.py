@@ -169,14 +169,15 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     x, eye, inv_norm, unit_diagonal = g.x, g.eye, g.inv_norm, g.unit_diagonal
     if spec.off_diagonal:
         # X with its diagonal zeroed goes into the norm (entrywise or matrix), and F
-        # comes out masked too. A product, not a select: NaN and Inf on the diagonal
-        # still reach the value.
+        # comes out with its diagonal zeroed. X by a product: NaN and Inf on the
+        # diagonal still reach the value. F by a select: an overflowed diagonal
+        # (inf * 0) does not turn the entrywise derivatives of the other entries NaN.
         x = x * (1 - eye)
     fx, f_prime = spec.rule(x)
     if unit_diagonal is not None:
         f_prime = jnp.where(unit_diagonal, 0, f_prime)
     if spec.off_diagonal:
-        f_prime = f_prime * (1 - eye)
+        f_prime = jnp.where(eye == 1, 0, f_prime)
     total = jnp.sum(fx)
     row_f_prime = None
     if spec.double_sided:

@@ -195,6 +195,24 @@ def test_nan_and_inf_propagate(norm):
         assert not np.all(np.isfinite(np.asarray(grad)))
 
 
+def test_overflowed_gram_is_never_a_finite_wrong_value():
+    # docs/failure-modes.md: float32 data times 1e20, Gram entries ~1e40.
+    phi = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 3)) * 1e20, jnp.float32)
+    for norm, kw, grad_finite in [
+        ("spectral", {}, False),
+        (SRIP, {"off_diagonal": True}, False),
+        ("max", {}, True),
+        ("max", {"off_diagonal": True}, False),
+    ]:
+        assert np.isnan(float(jop.orthogonality_penalty(phi, norm=norm, **kw)))
+        grad = jop.orthogonality_penalty_grad(phi, norm=norm, **kw)
+        assert bool(jnp.all(jnp.isfinite(grad))) is grad_finite
+    for norm in NORMS:  # normalize: cosines, exact at any scale
+        a = jop.orthogonality_penalty(phi, norm=norm, normalize=True)
+        b = jop.orthogonality_penalty(phi * 1e-20, norm=norm, normalize=True)
+        np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_strict_promotion_jit_vmap_traced_beta(dtype):
     phi = jnp.asarray(RNG.normal(size=(3, 4, 5, 3)), dtype)

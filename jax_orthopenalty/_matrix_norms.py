@@ -82,9 +82,8 @@ def _spectral_parts(
     # convention's and only matters at X = 0 (then every eigenvalue is 0).
     slope = 2 * lam if squared else sign(lam)
     c = jnp.where(in_top, slope, 0) / k
-    dc = jnp.where(in_top, 2 / k, 0) if squared else jnp.zeros_like(c)
     value = top[..., 0] ** 2 if squared else top[..., 0]
-    return value, lam, v, c, dc, in_top
+    return value, lam, v, c, k, in_top
 
 
 def _spectral_joint(x: jax.Array, squared: bool, sign: Sign) -> tuple[jax.Array, jax.Array]:
@@ -99,23 +98,26 @@ _spectral_exact = jax.custom_jvp(_spectral_joint, nondiff_argnums=(1, 2))
 def _spectral_exact_jvp(
     squared: bool, sign: Sign, primals: tuple[jax.Array], tangents: tuple[jax.Array]
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    # F = V diag(c(lambda)) V^T is a spectral function of X with piecewise-constant c
-    # (c = 2 lambda / k on the top set for squared). Daleckii-Krein:
-    #   dF = V (K o (V^T dX V)) V^T,  K_ij = (c_i - c_j) / (lambda_i - lambda_j),
-    # and c'(lambda_i) where lambda_i == lambda_j (the diagonal included), so repeated
-    # eigenvalues give a finite K (0 between equal weights), not 1 / 0.
+    # F = V diag(c(lambda)) V^T is a spectral function of X with c piecewise constant
+    # (s / k on the top set) or, for squared, piecewise linear (2 lambda / k on it).
+    # Daleckii-Krein: dF = V (K o (V^T dX V)) V^T with K_ij = (c_i - c_j) /
+    # (lambda_i - lambda_j), and c'(lambda_i) where they are equal. c' is 0, or 2 / k
+    # within the top set for squared, where K_ij = 2 / k for every pair in it: set
+    # exactly, not left to the rounding of a difference over a tiny gap. Repeated
+    # eigenvalues give a finite K (0 between equal weights), never 1 / 0.
     (x,), (dx,) = primals, tangents
     bad = _nonfinite(x)
-    value, lam, v, c, dc, _ = _spectral_parts(x, squared, sign)
+    value, lam, v, c, k, in_top = _spectral_parts(x, squared, sign)
     f = _sandwich(v, c)
     sym = 0.5 * (dx + jnp.swapaxes(dx, -1, -2))
     rot = jnp.einsum("...ji,...jk,...kl->...il", v, sym, v, precision=HIGHEST)
     gap = lam[..., :, None] - lam[..., None, :]
     diff = c[..., :, None] - c[..., None, :]
     same = gap == 0
-    kernel = jnp.where(same, jnp.broadcast_to(dc[..., :, None], gap.shape), diff) / jnp.where(
-        same, 1, gap
-    )
+    kernel = jnp.where(same, 0, diff / jnp.where(same, 1, gap))
+    if squared:
+        both = in_top[..., :, None] & in_top[..., None, :]
+        kernel = jnp.where(both, 2 / k[..., None], kernel)
     df = jnp.einsum("...ij,...jk,...lk->...il", v, kernel * rot, v, precision=HIGHEST)
     dvalue = jnp.sum(f * sym, axis=(-2, -1))
     value, f = _poison(bad, value, f)

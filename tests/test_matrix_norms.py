@@ -139,6 +139,8 @@ def test_spectral_tie_is_the_minimum_norm_subgradient():
         phi = _x64(q @ d @ q.T)  # Phi^T Phi = Q d^2 Q^T
         g = np.asarray(jop.orthogonality_penalty_grad(phi, norm="spectral"))
         g2 = np.asarray(jop.orthogonality_penalty_grad(phi, norm=SRIP))
+        jac = jax.jacfwd(lambda p: jop.orthogonality_penalty_grad(p, norm=SRIP))(phi)
+    assert bool(jnp.all(jnp.isfinite(jac)))  # grad of grad at the tie: finite
     top = q[:, :2]
     np.testing.assert_allclose(g, np.asarray(phi) @ top @ top.T, atol=1e-12)
     np.testing.assert_allclose(g2, 2 * 3 * np.asarray(phi) @ top @ top.T, atol=1e-11)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ._rules import Norm, Rule, Subgradient, make_rule, spectral, subgradient_fn
+from ._rules import Norm, Rule, Subgradient, make_rule, subgradient_fn
 
 __all__ = [
     "DEFAULT_PRECISION",
@@ -136,6 +136,11 @@ def _normalize_axis(name: str, axis: object, ndim: int) -> int:
 
 def make_layout(ndim: int, vector_axis: VectorAxis, column_axis: int) -> Layout:
     """Validates the axes for a ``phi`` of rank ``ndim``."""
+    if ndim + 1 > len(string.ascii_letters):
+        raise ValueError(
+            f"`phi` must have rank at most {len(string.ascii_letters) - 1} (one einsum "
+            f"letter per axis, and one more for the Gram matrix), got rank {ndim}."
+        )
     if ndim < 2:
         raise ValueError(
             f"`phi` must have rank >= 2 (vectors and columns), got rank {ndim}. "
@@ -226,21 +231,52 @@ def make_spec(
             "the entrywise norms ('l1', 'squared', huber). For the spectral norm the row "
             "term ||Phi Phi^T - I||_2 equals the column term (or 1 when l > n)."
         )
-    if norm in ("l1", "spectral", "max") or isinstance(norm, spectral):
-        _check_derivative_shape(subgradient_fn(subgradient), subgradient)
+    layout = spec.layout
+    if double_sided and phi.ndim + 1 + len(layout.vector_axes) > len(string.ascii_letters):
+        raise ValueError(
+            f"`double_sided=True` supports `phi` of rank at most "
+            f"{len(string.ascii_letters) - 1 - len(layout.vector_axes)} with "
+            f"{len(layout.vector_axes)} vector axes (one einsum letter per axis), "
+            f"got rank {phi.ndim}."
+        )
+    groups = tuple(phi.shape[a] for a in layout.group_axes)
+    n = phi.shape[layout.column_axis]
+    dtype = accumulation_dtype(phi.dtype)
+    if not isinstance(norm, str) or norm == "l1":
+        # The residuals the rule's derivative is applied to, at their real shapes.
+        vectors = tuple(phi.shape[a] for a in layout.vector_axes)
+        shapes = [(*groups, n, n)] + ([(*groups, *vectors, *vectors)] if double_sided else [])
+        for shape in shapes:
+            _check_derivative(spec.rule.derivative, subgradient, shape, dtype)
+    if spec.rule.per_group and not isinstance(subgradient, str):
+        # A matrix norm applies the convention to eigenvalues or entries, not to X:
+        # check the callable itself (a wrong shape would broadcast silently in F).
+        _check_derivative(subgradient_fn(subgradient), subgradient, (*groups, n, n), dtype)
     return spec
 
 
-def _check_derivative_shape(
-    fn: Callable[[jax.Array], jax.Array], subgradient: Subgradient
+def _check_derivative(
+    fn: Callable[[jax.Array], jax.Array], subgradient: Subgradient, shape: Any, dtype: Any
 ) -> None:
-    probe = jax.ShapeDtypeStruct((2, 3), jnp.float32)  # type: ignore[no-untyped-call]
-    out = jax.eval_shape(fn, probe)
+    """The derivative maps an array ``x`` to a real floating array of ``x``'s shape."""
+    probe = jax.ShapeDtypeStruct(shape, dtype)  # type: ignore[no-untyped-call]
+    try:
+        out = jax.eval_shape(fn, probe)
+    except Exception as e:  # the user's callable failed on the real residual's shape
+        raise TypeError(
+            f"`subgradient` {subgradient!r} failed on the residual X of shape {shape} "
+            f"({jnp.dtype(dtype)}): {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != probe.shape:
         got = getattr(out, "shape", type(out).__name__)
         raise TypeError(
             f"`subgradient` {subgradient!r} must map an array x to an array of x's shape, "
-            f"got {got} for an input of shape {probe.shape}."
+            f"got {got} for the residual X of shape {probe.shape}."
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(
+            f"`subgradient` {subgradient!r} must return a real floating array, got dtype "
+            f"{out.dtype} for the residual X of dtype {jnp.dtype(dtype)}."
         )
 
 
@@ -262,16 +298,49 @@ def check_phi(phi: ArrayLike) -> jax.Array:
 
 
 def check_beta(beta: ArrayLike, acc: jnp.dtype) -> jax.Array:
-    """Converts ``beta`` to a scalar array; integers become ``acc``."""
-    if isinstance(beta, bool):
-        raise TypeError(f"`beta` must be a real scalar, got {beta!r}.")
-    beta_arr = jnp.asarray(beta)
+    """Converts ``beta`` to a real scalar array; integers become ``acc``.
+
+    A concrete ``beta`` (a Python or NumPy number, or a JAX array that is not being
+    traced) must be finite and ``>= 0`` in ``acc``: a negative strength rewards
+    non-orthogonality without bound, and NaN or Inf would make every gradient
+    non-finite, so both raise here rather than at the end of a training run. A traced
+    ``beta`` cannot be checked; NaN in it propagates to the value and gradient.
+    """
+    if isinstance(beta, (bool, np.bool_, str, bytes)):
+        raise TypeError(
+            f"`beta` must be a real scalar (a float, an int or a scalar array), got {beta!r}."
+        )
+    if isinstance(beta, int):
+        try:  # a Python int of any size: as the float it means, or a clear error
+            beta = float(beta)
+        except OverflowError:
+            raise ValueError(f"`beta`={beta} is too large for a float.") from None
+    if isinstance(beta, float) and not abs(beta) <= float(np.finfo(jnp.result_type(float)).max):
+        raise ValueError(
+            f"`beta` must be finite and >= 0 (in {jnp.result_type(float)}), got {beta!r}."
+        )
+    try:
+        beta_arr = jnp.asarray(beta)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(
+            f"`beta` must be a real scalar (a float, an int or a scalar array), got {beta!r} "
+            f"of type {type(beta).__name__}."
+        ) from e
     if beta_arr.ndim != 0:
         raise ValueError(f"`beta` must be a scalar, got an array of shape {beta_arr.shape}.")
-    if jnp.issubdtype(beta_arr.dtype, jnp.complexfloating) or beta_arr.dtype == bool:
+    if not jnp.issubdtype(beta_arr.dtype, jnp.integer) and not jnp.issubdtype(
+        beta_arr.dtype, jnp.floating
+    ):
         raise TypeError(f"`beta` must be a real scalar, got dtype {beta_arr.dtype}.")
     if not jnp.issubdtype(beta_arr.dtype, jnp.floating):
         beta_arr = beta_arr.astype(acc)
+    if not isinstance(beta_arr, jax.core.Tracer):
+        value = np.asarray(beta_arr).astype(np.promote_types(beta_arr.dtype, acc))
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"`beta` must be finite and >= 0 (in {jnp.dtype(acc)}), got {beta!r}. "
+                "A negative strength rewards non-orthogonality without bound."
+            )
     return beta_arr
 
 

@@ -50,7 +50,7 @@ from ._layout import (
     make_layout,
     make_spec,
 )
-from ._rules import Norm, Subgradient, make_rule
+from ._rules import SQUARED, Norm, Subgradient, make_rule
 
 __all__ = [
     "orthogonality_error",
@@ -90,6 +90,8 @@ class _Residual:
     gram: jax.Array | None  # C, kept only for normalize
     inv_norm: jax.Array | None  # 1 / nu, (groups..., n), only for normalize
     row_f_prime: jax.Array | None  # f'(Y) for double_sided, (groups..., *vec, *vec)
+    row_w: jax.Array | None  # double_sided, squared: 4 X, (groups..., n, n)
+    row_rho: jax.Array | None  # ... and off_diagonal: 4 (|psi_a|^2 - 1), per row of phi
     col_scale: jax.Array | None  # normalize: the exact power of 2 phi was scaled by
 
 
@@ -108,10 +110,63 @@ def _row_block(spec: Spec, psi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Arr
     )
     eye = jnp.eye(lsize, dtype=acc).reshape((1,) * len(layout.group_axes) + vec_shape + vec_shape)
     y = row - eye
-    fy, dy = spec.rule.value(y), spec.rule.derivative(y)
+    fy, dy = spec.rule.value(y), _derivative(spec, y, axes=tuple(range(-2 * len(vec_shape), 0)))
     if spec.off_diagonal:
         fy, dy = fy * (1 - eye), dy * (1 - eye)
     return jnp.sum(fy), dy
+
+
+def _row_block_squared(
+    spec: Spec, x: jax.Array, psi: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    r"""The double-sided term for ``norm="squared"``, from the n x n residual alone.
+
+    With :math:`Y = \Psi\Psi^\top - I_l` and :math:`X = \Psi^\top\Psi - I_n`,
+    :math:`\|\Psi\Psi^\top\|^2 = \|\Psi^\top\Psi\|^2` gives
+    :math:`\|Y\|^2 = \|X\|^2 + l - n`, with gradient :math:`4\Psi X` with respect to
+    :math:`\Psi`. Without the diagonal, :math:`\sum_{a \ne b} Y_{ab}^2 = \|X\|^2 -
+    \sum_a \rho_a^2 + l - n` for the rows' :math:`\rho_a = |\psi_a|^2 - 1`, with
+    gradient :math:`4\Psi X - 4\rho \odot \Psi`. Both are exact identities; no
+    :math:`l \times l` matrix is formed.
+
+    Returns:
+      The term's sum, :math:`4X` and (off-diagonal only) :math:`4\rho`, shaped like
+      ``psi`` with size 1 on the column axis.
+    """
+    layout = spec.layout
+    m = math.prod(psi.shape[a] for a in layout.group_axes)
+    l = math.prod(psi.shape[a] for a in layout.vector_axes)
+    total = jnp.sum(x * x) + jnp.asarray(m * (l - x.shape[-1]), x.dtype)
+    if not spec.off_diagonal:
+        return total, 4 * x, None
+    p = psi.astype(x.dtype)
+    rho = jnp.sum(p * p, axis=layout.column_axis, keepdims=True) - 1
+    return total - jnp.sum(rho * rho), 4 * x, 4 * rho
+
+
+def _derivative(spec: Spec, x: jax.Array, axes: tuple[int, ...] = (-2, -1)) -> jax.Array:
+    """The rule's derivative at ``x``, NaN for a whole group where ``x`` left float range.
+
+    Where a Gram matrix overflows, the signs (or clipped slopes) of the infinite
+    entries are finite but say nothing about the gradient, which would come out
+    finite and wrong. So every group with a non-finite residual entry gets a NaN
+    derivative, and its gradient is NaN: exact or non-finite, never finite and wrong.
+    """
+    return _nan_where_nonfinite(spec.rule.derivative(x).astype(x.dtype), x, axes)
+
+
+def _nan_where_nonfinite(d: jax.Array, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    finite = jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)
+    return jnp.where(finite, d, jnp.nan)
+
+
+def _value_and_derivative(spec: Spec, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The rule's value and derivative (as :func:`_derivative`) at the n x n residual.
+
+    One call of the rule, so a matrix norm decomposes each group once.
+    """
+    fx, d = spec.rule(x)
+    return fx, _nan_where_nonfinite(d.astype(x.dtype), x, (-2, -1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,22 +222,25 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     acc = accumulation_dtype(phi.dtype)
     g = _residual(spec, phi, acc)
     x, eye, inv_norm, unit_diagonal = g.x, g.eye, g.inv_norm, g.unit_diagonal
+    residual = x  # unmasked: the squared double-sided term is an identity in X
     if spec.off_diagonal:
         # X with its diagonal zeroed goes into the norm (entrywise or matrix), and F
-        # comes out with its diagonal zeroed. X by a product: NaN and Inf on the
-        # diagonal still reach the value. F by a select: an overflowed diagonal
-        # (inf * 0) does not turn the entrywise derivatives of the other entries NaN.
+        # comes out with its diagonal zeroed. Products, not selects: NaN and Inf on the
+        # diagonal still reach the value, and make the group's derivative NaN.
         x = x * (1 - eye)
-    fx, f_prime = spec.rule(x)
+    fx, f_prime = _value_and_derivative(spec, x)
     if unit_diagonal is not None:
         f_prime = jnp.where(unit_diagonal, 0, f_prime)
     if spec.off_diagonal:
-        f_prime = jnp.where(eye == 1, 0, f_prime)
+        f_prime = f_prime * (1 - eye)
     total = jnp.sum(fx)
-    row_f_prime = None
+    row_f_prime = row_w = row_rho = None
     if spec.double_sided:
         psi = phi if inv_norm is None else _normalized(spec, g.phi, inv_norm)
-        row_total, row_f_prime = _row_block(spec, psi, acc)
+        if spec.rule == SQUARED:
+            row_total, row_w, row_rho = _row_block_squared(spec, residual, psi)
+        else:
+            row_total, row_f_prime = _row_block(spec, psi, acc)
         total = total + row_total
     return _Residual(
         total=total,
@@ -190,6 +248,8 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
         gram=g.gram if spec.normalize else None,
         inv_norm=inv_norm,
         row_f_prime=row_f_prime,
+        row_w=row_w,
+        row_rho=row_rho,
         col_scale=g.col_scale,
     )
 
@@ -202,15 +262,23 @@ def _normalized(spec: Spec, phi: jax.Array, inv_norm: jax.Array) -> jax.Array:
 def _backward(spec: Spec, phi: jax.Array, res: _Residual, scale: jax.Array) -> jax.Array:
     """d(scale * total)/d phi, in the accumulation dtype."""
     w = scale * (res.f_prime + _swap(res.f_prime))
+    if res.row_w is not None:
+        w = w + scale * res.row_w  # the squared double-sided term folds into W
     if not spec.normalize:
-        grad = _apply(spec, phi, w)
-        if spec.double_sided:
-            assert res.row_f_prime is not None
-            grad = grad + _left(spec, scale, res.row_f_prime, phi.astype(w.dtype))
-        return grad
+        return _apply(spec, phi, w) + _row_terms(spec, scale, res, phi.astype(w.dtype))
     assert res.col_scale is not None
     # The forward pass ran on phi * s (s per column, exact): d/dphi = s d/d(phi s).
-    return res.col_scale * _normalized_backward(spec, phi * res.col_scale, res, w, scale)
+    grad = _normalized_backward(spec, phi * res.col_scale, res, w, scale)
+    return res.col_scale.astype(grad.dtype) * grad
+
+
+def _row_terms(spec: Spec, scale: jax.Array, res: _Residual, psi: jax.Array) -> jax.Array | int:
+    """The double-sided term's part of the gradient (w.r.t. Psi) that W does not hold."""
+    if res.row_f_prime is not None:
+        return _left(spec, scale, res.row_f_prime, psi)
+    if res.row_rho is not None:
+        return -(scale * res.row_rho) * psi
+    return 0
 
 
 def _normalized_backward(
@@ -221,16 +289,15 @@ def _normalized_backward(
     # Through Psi = Phi D with nu = sqrt(max(C_jj, eps)); d nu / d phi is 0 where
     # C_jj <= eps, which is where the max picks eps.
     live = (jnp.diagonal(res.gram, axis1=-2, axis2=-1) > spec.normalize_eps).astype(r.dtype)
-    if not spec.double_sided:
+    if res.row_f_prime is None and res.row_rho is None:
         # One matmul: Phi (D W D - diag(c_j live_j / nu_j^3)), c_j = (C D W)_jj.
         c = jnp.einsum("...jk,...k,...kj->...j", res.gram, r, w, precision=spec.precision)
         m = w * r[..., :, None] * r[..., None, :]
         m = m - jnp.vectorize(jnp.diag, signature="(n)->(n,n)")(c * live * r**3)
         return _apply(spec, phi, m)
-    assert res.row_f_prime is not None
     phi_acc = phi.astype(r.dtype)
     psi = _normalized(spec, phi, r)
-    g = _apply(spec, psi, w) + _left(spec, scale, res.row_f_prime, psi)
+    g = _apply(spec, psi, w) + _row_terms(spec, scale, res, psi)
     dots = jnp.sum(phi_acc * g, axis=spec.layout.vector_axes, keepdims=True)
     return g * _contract.on_columns(spec.layout, r) - phi_acc * dots * _contract.on_columns(
         spec.layout, live * r**3
@@ -273,7 +340,10 @@ def _penalty_bwd(
     spec: Spec, saved: tuple[jax.Array, jax.Array, _Residual], ct: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     phi, beta, res = saved
-    ct = ct.astype(res.total.dtype)
+    # Make no assumption about what the residual beta is: after jax.checkpoint, scan
+    # or cond it can come back as a typed Python scalar constant rather than an array.
+    beta = jnp.asarray(beta)
+    ct = jnp.asarray(ct).astype(res.total.dtype)
     grad = _backward(spec, phi, res, ct * beta.astype(ct.dtype))
     return grad.astype(phi.dtype), (ct * res.total).astype(beta.dtype)
 
@@ -282,7 +352,16 @@ _penalty.defvjp(_penalty_fwd, _penalty_bwd)
 
 jax.tree_util.register_dataclass(
     _Residual,
-    data_fields=["total", "f_prime", "gram", "inv_norm", "row_f_prime", "col_scale"],
+    data_fields=[
+        "total",
+        "f_prime",
+        "gram",
+        "inv_norm",
+        "row_f_prime",
+        "row_w",
+        "row_rho",
+        "col_scale",
+    ],
     meta_fields=[],
 )
 
@@ -295,6 +374,32 @@ def _prepare(phi: ArrayLike, beta: ArrayLike, **options: Any) -> tuple[Spec, jax
     spec = make_spec(phi_arr, **options)
     beta_arr = check_beta(beta, accumulation_dtype(phi_arr.dtype))
     return spec, phi_arr, beta_arr
+
+
+def _varying_axes(x: jax.Array) -> frozenset[Any]:
+    """The manual mesh axes ``x`` varies over (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # jax >= 0.9: ManualAxisType(varying=...)
+    axes = mat.varying if mat is not None else getattr(aval, "vma", frozenset())
+    return frozenset(axes)
+
+
+def _same_varying_axes(phi: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``phi`` and ``beta`` cast to vary over the same manual (``shard_map``) mesh axes.
+
+    Inside ``shard_map`` the penalty of a sharded ``phi`` is a per-shard value, varying
+    over the mesh axes that ``phi`` varies over, while a constant or replicated
+    ``beta`` is invariant. A custom_vjp backward rule must return cotangents of its
+    inputs' types, so both enter it varying over the union of their axes
+    (``jax.lax.pcast(..., to="varying")``); autodiff then transposes the cast to a
+    ``psum``, which is the total derivative of the invariant input.
+    """
+    phi_axes, beta_axes = _varying_axes(phi), _varying_axes(beta)
+    if beta_axes - phi_axes:
+        phi = jax.lax.pcast(phi, tuple(sorted(beta_axes - phi_axes)), to="varying")
+    if phi_axes - beta_axes:
+        beta = jax.lax.pcast(beta, tuple(sorted(phi_axes - beta_axes)), to="varying")
+    return phi, beta
 
 
 def orthogonality_penalty(
@@ -345,8 +450,10 @@ def orthogonality_penalty(
 
     Args:
       phi: the parameter tensor, rank >= 2, real floating dtype.
-      beta: the strength :math:`\beta`: a Python float or a scalar array, which may
-        be traced (a schedule). Its gradient is the unscaled penalty.
+      beta: the strength :math:`\beta`: a Python float or int, a NumPy or JAX
+        scalar, weak- or strong-typed, which may be traced (a schedule). Its
+        gradient is the unscaled penalty. A concrete ``beta`` must be finite and
+        ``>= 0``; a traced one is not checked (NaN in it propagates).
       vector_axis: the axis (or tuple of axes, flattened together, for example a
         conv kernel's ``(0, 1, 2)``) of the :math:`l`-vectors: contracted in the Gram.
       column_axis: the axis that indexes the :math:`n` vectors of a group. Every axis
@@ -376,8 +483,11 @@ def orthogonality_penalty(
         :math:`X_{jj} = -1`, with a finite gradient.
       double_sided: also add :math:`\sum f(\Phi_i\Phi_i^\top - I_l)` (DSO). It can
         only be 0 for square groups (:math:`l = n`); for :math:`l \neq n` its
-        minimum is positive and it pulls towards a tight frame. Entrywise norms
-        only (``ValueError`` with ``"spectral"`` or ``"max"``).
+        minimum is positive and it pulls towards a tight frame. Memory: with
+        ``norm="squared"`` it comes from the :math:`n \times n` residual exactly
+        (:math:`\lVert\Phi_i\Phi_i^\top - I_l\rVert^2 = \lVert X_i\rVert^2 + l - n`);
+        the other norms form an :math:`l \times l` residual per group, :math:`m l^2`
+        numbers. Entrywise norms only (``ValueError`` with ``"spectral"`` or ``"max"``).
       normalize_eps: the floor :math:`\epsilon` on the squared column norm under
         ``normalize``: column :math:`j` is divided by
         :math:`\sqrt{\max(|\phi_j|^2, \epsilon)}`. ``1e-12`` (default) is
@@ -388,11 +498,22 @@ def orthogonality_penalty(
       The scalar penalty, in ``phi``'s dtype (accumulated in float32 for
       bfloat16 and float16).
 
+    Non-finite input and overflow: NaN and Inf in ``phi`` reach the value and the
+    gradient. A group whose Gram residual leaves float range (column norms beyond
+    about :math:`2^{64}` in float32 and bfloat16) gets the value ``inf`` (or NaN) and
+    a NaN gradient: exact or non-finite, never finite and wrong. Inside
+    :func:`jax.shard_map` the penalty of a shard is that shard's groups' penalty, a
+    per-shard value to ``psum``; ``beta``'s gradient is summed over the shards.
+
     Raises:
-      ValueError: rank < 2, axes out of range or overlapping, a non-scalar
-        ``beta``, an unknown ``norm`` or ``subgradient`` name, a ``normalize_eps``
-        that is not finite and positive, ``double_sided`` with a matrix norm.
-      TypeError: a non-floating or complex ``phi``, options of the wrong type.
+      ValueError: rank < 2 (or beyond the einsum letters), axes out of range or
+        overlapping, a non-scalar ``beta``, a concrete ``beta`` that is negative,
+        NaN or infinite, an unknown ``norm`` or ``subgradient`` name, a
+        ``normalize_eps`` that is not finite and positive, ``double_sided`` with a
+        matrix norm.
+      TypeError: a non-floating or complex ``phi``, a ``beta`` that is not a real
+        number, options of the wrong type, a ``subgradient`` whose output at the
+        residual's shape has another shape or a non-floating dtype.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -423,7 +544,7 @@ def orthogonality_penalty(
         double_sided=double_sided,
         normalize_eps=normalize_eps,
     )
-    return _penalty(spec, phi_arr, beta_arr)
+    return _penalty(spec, *_same_varying_axes(phi_arr, beta_arr))
 
 
 def orthogonality_penalty_grad(

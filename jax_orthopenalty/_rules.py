@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from ._matrix_norms import MaxRule, SpectralRule
 
 __all__ = [
+    "SQUARED",
     "Norm",
     "Rule",
     "Subgradient",
@@ -76,7 +77,11 @@ class deadzone:
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # |x| <= tol is the kink's band: derivative 0 there. NaN fails the test
-        # and falls through to sign(NaN) = NaN, so it propagates.
+        # and falls through to sign(NaN) = NaN, so it propagates. (The residuals are
+        # floating; anything else is compared as a float, also under strict promotion.)
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(jnp.result_type(float))
         return jnp.where(jnp.abs(x) <= self.tol, jnp.zeros_like(x), jnp.sign(x))
 
 
@@ -343,6 +348,10 @@ def _matrix_rule(joint: Callable[[jax.Array], tuple[jax.Array, jax.Array]]) -> R
     return Rule(_First(joint), _Second(joint), joint)
 
 
+SQUARED = Rule(_square, _twice)
+"""The ``"squared"`` norm's rule (its double-sided term has an exact n x n form)."""
+
+
 def make_rule(norm: Norm, subgradient: Subgradient) -> Rule:
     """Validates ``norm`` and ``subgradient`` and returns their :class:`Rule`.
 
@@ -359,7 +368,7 @@ def make_rule(norm: Norm, subgradient: Subgradient) -> Rule:
         if norm == "l1":
             return Rule(jnp.abs, derivative)
         if norm == "squared":
-            return Rule(_square, _twice)
+            return SQUARED
         if norm == "spectral":
             return make_rule(spectral(), subgradient)
         if norm == "max":

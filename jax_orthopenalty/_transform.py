@@ -21,10 +21,12 @@ leaves in one place (``_select``): ``mask`` first, through ``optax.masked``, the
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -131,6 +133,35 @@ def _is_dims_leaf(x: object) -> bool:
     return x is None or isinstance(x, OrthoDims)
 
 
+def _is_mask_leaf(x: object) -> bool:
+    return isinstance(x, (bool, np.bool_)) or (
+        getattr(x, "shape", None) == () and getattr(x, "dtype", None) == np.bool_
+    )
+
+
+def _is_function(x: object, is_entry: Callable[[Any], bool]) -> bool:
+    """Whether ``x`` is to be called on the params, rather than read as a pytree.
+
+    A pytree whose leaves are all entries (``OrthoDims``/``None`` for
+    ``dimension_numbers``, bools for ``mask``) is a tree even if it is callable: an
+    ``equinox.Module`` of them is callable (its ``__call__`` is the model's). Any other
+    callable, a plain function or a module holding arrays, is a function.
+    """
+    if not callable(x):
+        return False
+    leaves, treedef = jax.tree_util.tree_flatten(x, is_leaf=is_entry)
+    if jax.tree_util.treedef_is_leaf(treedef) and not is_entry(x):
+        return True
+    return not all(is_entry(leaf) for leaf in leaves)
+
+
+def _mask_for_optax(mask: MaskOrFn) -> MaskOrFn:
+    """``mask`` as ``optax.masked`` takes it: a callable tree of bools is a tree."""
+    if callable(mask) and not _is_function(mask, _is_mask_leaf):
+        return lambda _: mask
+    return mask
+
+
 def _is_default_target(x: Any) -> bool:
     """Penalised by ``dimension_numbers=None``: a floating array of rank >= 2."""
     if _is_hole(x) or jnp.ndim(x) < 2:
@@ -157,11 +188,36 @@ def _masked_view(params: Any, mask: MaskOrFn) -> Any:
     if mask is None:
         return params
     capture = optax.GradientTransformation(lambda view: view, _unreachable_update)
-    return cast(optax.MaskedState, optax.masked(capture, mask).init(params)).inner_state
+    try:
+        masked = optax.masked(capture, _mask_for_optax(mask)).init(params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "`mask` does not match the params: it must be a pytree of bools with the "
+            "structure of the params (or a prefix of it), or a callable returning one. "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    return cast(optax.MaskedState, masked).inner_state
+
+
+def _masked(tx: optax.GradientTransformation, mask: MaskOrFn) -> optax.GradientTransformation:
+    """``optax.masked(tx, mask)``, with a mismatched ``mask`` named in the error."""
+    inner = optax.masked(tx, _mask_for_optax(mask))
+
+    def init_fn(params: optax.Params) -> optax.OptState:
+        _masked_view(params, mask)
+        return inner.init(params)
+
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.OptState]:
+        _masked_view(updates, mask)
+        return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _check_mask(mask: MaskOrFn) -> None:
-    if mask is None or callable(mask):
+    if mask is None or _is_function(mask, _is_mask_leaf):
         return
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)):
         raise ValueError(
@@ -197,7 +253,11 @@ def _select(
         # The default: every floating-point array of rank >= 2, in the default layout.
         layouts = [OrthoDims() if _is_default_target(x) else None for _, x in path_leaves]
     else:
-        dims = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
+        dims = (
+            dimension_numbers(params)
+            if _is_function(dimension_numbers, _is_dims_leaf)
+            else dimension_numbers
+        )
         layouts = _match(path_leaves, dims)
     leaves = [_Leaf(path, x, d) for (path, x), d in zip(path_leaves, layouts, strict=True)]
     return treedef, leaves
@@ -328,6 +388,8 @@ def add_orthogonality_penalty(
       mask: which leaves to penalise, as ``optax.masked`` takes it: a pytree of
         bools with the structure of the params, a prefix of it (a bool for a whole
         subtree), or a callable from the params to one. ``True`` means penalise.
+        A pytree whose leaves are all bools is a tree even if it is callable (an
+        ``equinox.Module`` of bools); any other callable is called.
       dimension_numbers: the layout of each leaf. ``None`` (default): every leaf of
         rank >= 2 with a floating dtype, in the default layout ``OrthoDims()``
         (vectors on axis 0, columns on the last axis: right for flax ``Dense``
@@ -341,7 +403,10 @@ def add_orthogonality_penalty(
         receives the params with ``optax.MaskedNode`` in place of the leaves that
         ``mask`` leaves out. An :class:`OrthoDims` that does not fit its leaf
         raises :func:`orthogonality_penalty`'s ``ValueError``, prefixed with the
-        leaf's path, when the update is traced.
+        leaf's path, when the update is traced. A pytree whose leaves are all
+        :class:`OrthoDims` or ``None`` is a tree even if it is callable (an
+        ``equinox.Module`` built with ``jax.tree.map`` over the model's arrays);
+        any other callable is called.
       norm: the norm: ``"l1"``, ``"squared"``, :func:`huber`, ``"spectral"``,
         :func:`spectral` or ``"max"`` (see :func:`orthogonality_penalty`).
       subgradient: the kink convention (see :func:`orthogonality_penalty`); static.
@@ -460,7 +525,7 @@ def add_orthogonality_penalty(
         new_state = AddOrthogonalityPenaltyState(count=jnp.asarray(optax.safe_increment(count)))
         if isinstance(beta, (int, float)) and beta == 0:
             return updates, new_state
-        strength = beta(count) if callable(beta) else beta
+        strength = check_beta(beta(count) if callable(beta) else beta, jnp.dtype(jnp.float32))
         treedef, leaves = _select(params, dimension_numbers)
         out = [
             u
@@ -471,7 +536,7 @@ def add_orthogonality_penalty(
         return treedef.unflatten(out), new_state
 
     tx = optax.GradientTransformation(init_fn, update_fn)
-    return tx if mask is None else optax.masked(tx, mask)
+    return tx if mask is None else _masked(tx, mask)
 
 
 def tree_orthogonality_penalty(
@@ -532,6 +597,7 @@ def tree_orthogonality_penalty(
       Array(0., dtype=float32)
     """
     _check_mask(mask)
+    check_beta(beta, jnp.dtype(jnp.float32))  # also when no leaf is selected
     options: dict[str, Any] = dict(
         norm=norm,
         subgradient=subgradient,
@@ -549,4 +615,8 @@ def tree_orthogonality_penalty(
     ]
     if not terms:
         return jnp.zeros((), jnp.float32)
-    return functools.reduce(jnp.add, terms)
+    # Leaves of several dtypes (bfloat16 and float32) add up in their promoted dtype,
+    # cast explicitly, so that strict dtype promotion holds too.
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = functools.reduce(jnp.promote_types, (t.dtype for t in terms))
+    return functools.reduce(jnp.add, (t.astype(dtype) for t in terms))

@@ -1,15 +1,9 @@
-"""Shape bugs fail loudly, and no test leaks jax configuration into the next."""
+"""No test leaks jax configuration into the next (strict promotion: ../conftest.py)."""
 
 from collections.abc import Iterator
 
 import jax
 import pytest
-
-
-@pytest.fixture(autouse=True)
-def _strict_ranks() -> Iterator[None]:
-    with jax.numpy_rank_promotion("raise"):
-        yield
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -119,17 +120,53 @@ def _one(x: float, dtype: Any) -> jax.Array:
 
 def test_float32_l1_overflow_threshold() -> None:
     """1x1 phi = [[x]]: X = x^2 - 1. In float32 the Gram overflows at x = 2^64
-    (x^2 = 2^128 > FLT_MAX); the L1 value is then inf but the gradient 2 x sign(X)
-    is finite, since the derivative of |.| is bounded."""
+    (x^2 = 2^128 > FLT_MAX): the value is inf and the gradient NaN. An infinite
+    Gram entry says nothing reliable about the sign of its residual (see the next
+    test), so its group's gradient is non-finite, never finite and wrong."""
     below, above = _one(2.0**63, jnp.float32), _one(2.0**64, jnp.float32)
     assert float(jop.orthogonality_penalty(below)) == 2.0**126
     assert float(jop.orthogonality_penalty_grad(below)[0, 0]) == 2.0**64
     assert float(jop.orthogonality_penalty(above)) == np.inf
     assert float(jop.orthogonality_penalty(above, norm=jop.huber(1.0))) == np.inf
     for opts in ({}, {"norm": jop.huber(1.0)}):
-        g = jop.orthogonality_penalty_grad(above, **opts)
-        assert float(g[0, 0]) == 2.0**65
-        assert float(jax.grad(jop.orthogonality_penalty)(above)[0, 0]) == 2.0**65
+        assert np.isnan(float(jop.orthogonality_penalty_grad(above, **opts)[0, 0]))
+        assert np.isnan(float(jax.grad(jop.orthogonality_penalty)(above, **opts)[0, 0]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("opts", [{}, {"norm": jop.huber(1.0)}, {"norm": "squared"}])
+def test_overflowing_gram_gives_a_nan_gradient_per_group(opts: dict[str, Any], dtype: Any) -> None:
+    """The case that opened the issue: the exact Gram of [[1e20, 1e20], [1e20, -1e20]]
+    is diag(2e40, 2e40), but float32 (the accumulation dtype of bfloat16 too) computes
+    an infinite off-diagonal entry whose true value is 0, and the signs made from it
+    gave the finite, wrong gradient [[4e20, 4e20], [0, 0]] (exact: 2 phi). Now the
+    overflowing group's gradient is NaN and its value inf; a second, ordinary group
+    in the same tensor keeps its exact gradient."""
+    bad = jnp.array([[1e20, 1e20], [1e20, -1e20]], dtype)
+    good = 2 * jnp.eye(2, dtype=dtype)
+    phi = jnp.stack([bad, good], axis=1)  # (l, m, n) = (2, 2, 2)
+    for g in (
+        jax.grad(jop.orthogonality_penalty)(phi, **opts),
+        jop.orthogonality_penalty_grad(phi, **opts),
+    ):
+        assert g.dtype == dtype
+        assert np.isnan(np.asarray(g[:, 0, :], np.float32)).all()
+        want = (opts == {"norm": "squared"} and 4 * 3 * 2.0) or 2 * 2.0  # 2 beta f'(3) * 2
+        np.testing.assert_array_equal(np.asarray(g[:, 1, :], np.float32), want * np.eye(2))
+    assert float(jop.orthogonality_penalty(bad, **opts)) == np.inf
+
+
+def test_float16_entries_that_overflow_float16_stay_exact_or_inf() -> None:
+    """float16 input accumulates in float32, which cannot overflow from float16
+    entries (at most 65504^2 * l): only the casts back to float16 can, and they
+    round to inf. The gradient of [[300, 300], [300, -300]] is exact; its value
+    (3.6e5) is inf in float16."""
+    phi = jnp.array([[300.0, 300.0], [300.0, -300.0]], jnp.float16)
+    assert float(jop.orthogonality_penalty(phi)) == np.inf
+    np.testing.assert_array_equal(jax.grad(jop.orthogonality_penalty)(phi), 2 * phi)
+    big = jnp.full((2, 1), 60000.0, jnp.float16)  # gradient 2 x (2 x^2 - 1) * ... overflows
+    g = jop.orthogonality_penalty_grad(big, norm="squared")
+    assert (np.asarray(g, np.float32) == np.inf).all()
 
 
 def test_float32_squared_overflow_threshold() -> None:
@@ -145,20 +182,20 @@ def test_float32_squared_overflow_threshold() -> None:
 
 
 @pytest.mark.parametrize(
-    ("opts", "value", "grad_finite"),
+    ("opts", "value"),
     [
-        ({}, "inf", True),
-        ({"norm": jop.huber(1.0)}, "inf", True),
-        ({"norm": "squared"}, "inf", False),
-        ({"off_diagonal": True}, "nan", True),
-        ({"double_sided": True}, "inf", True),
+        ({}, "inf"),
+        ({"norm": jop.huber(1.0)}, "inf"),
+        ({"norm": "squared"}, "inf"),
+        ({"off_diagonal": True}, "nan"),
+        ({"double_sided": True}, "inf"),
     ],
     ids=["l1", "huber", "squared", "off_diagonal", "double_sided"],
 )
-def test_float32_entries_1e20(opts: dict[str, Any], value: str, grad_finite: bool) -> None:
+def test_float32_entries_1e20(opts: dict[str, Any], value: str) -> None:
     """Normal data times 1e20 in float32: the Gram overflows (|C| ~ 1e40). The value
-    is inf (NaN with off_diagonal: inf * 0 on the diagonal); the bounded L1 and Huber
-    derivatives keep the gradient finite, the squared norm's 4 X Phi does not."""
+    is inf (NaN with off_diagonal: inf * 0 on the diagonal), and every gradient is
+    NaN: the Gram's infinite entries do not say what the gradient is."""
     rng = np.random.default_rng(0)
     phi = jnp.asarray(rng.normal(size=(4, 2, 3)) * 1e20, jnp.float32)
     assert np.isfinite(np.asarray(phi)).all()
@@ -168,7 +205,7 @@ def test_float32_entries_1e20(opts: dict[str, Any], value: str, grad_finite: boo
     else:
         assert np.isnan(float(v))
     for g in (auto, closed):
-        assert bool(np.isfinite(np.asarray(g)).all()) is grad_finite
+        assert np.isnan(np.asarray(g)).all()
 
 
 def test_half_precision_accumulates_in_float32() -> None:
@@ -532,3 +569,160 @@ def test_bitwise_deterministic(family: dict[str, bool]) -> None:
     for first, second in ((runs[0], runs[1]), (runs[2], runs[3]), (runs[2], runs[4])):
         for a, b in zip(first, second, strict=True):
             assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+# --------------------------------------------------------------------------- odd arguments (0.2)
+
+
+@pytest.mark.parametrize(
+    ("beta", "error", "match"),
+    [
+        ("1e-2", TypeError, r"`beta` must be a real scalar"),
+        (b"1", TypeError, r"`beta` must be a real scalar"),
+        (True, TypeError, r"`beta` must be a real scalar"),
+        (np.bool_(False), TypeError, r"`beta` must be a real scalar"),
+        (1 + 2j, TypeError, r"`beta` must be a real scalar, got dtype complex"),
+        (np.complex64(1), TypeError, r"`beta` must be a real scalar, got dtype complex"),
+        (jnp.ones(2), ValueError, r"`beta` must be a scalar, got an array of shape \(2,\)"),
+        ([0.5], ValueError, r"`beta` must be a scalar"),
+        (object(), TypeError, r"`beta` must be a real scalar"),
+        (10**400, ValueError, r"`beta`=1000.* is too large for a float"),
+        (10**39, ValueError, r"`beta` must be finite and >= 0 \(in float32\)"),
+        (-1.0, ValueError, r"`beta` must be finite and >= 0"),
+        (-1, ValueError, r"`beta` must be finite and >= 0"),
+        (float("nan"), ValueError, r"`beta` must be finite and >= 0"),
+        (np.float32("inf"), ValueError, r"`beta` must be finite and >= 0"),
+        (jnp.float32(-0.5), ValueError, r"`beta` must be finite and >= 0"),
+    ],
+)
+def test_bad_beta_raises_naming_beta(beta: Any, error: type, match: str) -> None:
+    phi = jnp.eye(3, 2)
+    calls = [
+        lambda: jop.orthogonality_penalty(phi, beta),
+        lambda: jop.orthogonality_penalty_grad(phi, beta),
+        lambda: jop.tree_orthogonality_penalty({"w": phi}, beta),
+        # No leaf selected: beta is still checked.
+        lambda: jop.tree_orthogonality_penalty({"b": jnp.ones(3)}, beta),
+        lambda: jop.add_orthogonality_penalty(beta),
+    ]
+    for call in calls:
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_schedule_beta_is_checked_at_each_update_even_with_no_leaf_selected() -> None:
+    tx = jop.add_orthogonality_penalty(lambda count: -1.0 + count)
+    params = {"b": jnp.ones(3)}  # rank 1: nothing selected
+    with pytest.raises(ValueError, match=r"`beta` must be finite and >= 0"):
+        tx.update(params, tx.init(params), params)
+
+
+def test_odd_but_valid_betas() -> None:
+    phi = 2 * jnp.eye(3, 2)  # X = 3 I: value 6 beta
+    for beta, want in [(2**40, 6.0 * 2**40), (0, 0.0), (np.int8(3), 18.0), (jnp.int32(1), 6.0)]:
+        assert float(jop.orthogonality_penalty(phi, beta)) == want
+    # Traced betas are not checked: NaN propagates, and a negative one is computed.
+    assert np.isnan(float(jax.jit(jop.orthogonality_penalty)(phi, jnp.nan)))
+    assert float(jax.jit(jop.orthogonality_penalty)(phi, -1.0)) == -6.0
+
+
+def test_subgradient_callable_checked_at_the_real_residual_shape_and_dtype() -> None:
+    phi = jnp.ones((3, 4, 2))  # residual X: (4, 2, 2)
+
+    def only_2d(x: jax.Array) -> jax.Array:  # right on a 2-D probe, wrong on (4, 2, 2)
+        return jnp.sign(x) if x.ndim == 2 else jnp.sign(x)[0]
+
+    def fails_3d(x: jax.Array) -> jax.Array:
+        if x.ndim != 2:
+            raise RuntimeError("only matrices")
+        return jnp.sign(x)
+
+    cases = [
+        (
+            only_2d,
+            r"`subgradient` .* must map an array x to an array of x's shape, got "
+            r"\(2, 2\) for the residual X of shape \(4, 2, 2\)",
+        ),
+        (
+            lambda x: jnp.sign(x).astype(jnp.complex64),
+            r"must return a real floating array, got dtype complex64",
+        ),
+        (
+            lambda x: (x > 0).astype(jnp.int32),
+            r"must return a real floating array, got dtype int32",
+        ),
+        (lambda x: x > 0, r"must return a real floating array, got dtype bool"),
+        (
+            fails_3d,
+            r"`subgradient` .* failed on the residual X of shape \(4, 2, 2\).*only matrices",
+        ),
+    ]
+    for sub, match in cases:
+        for f in (jop.orthogonality_penalty, jop.orthogonality_penalty_grad):
+            with pytest.raises(TypeError, match=match):
+                f(phi, subgradient=sub)
+    # The double-sided residual (4, 3, 3) is checked too.
+    with pytest.raises(TypeError, match=r"residual X of shape \(4, 3, 3\)"):
+        jop.orthogonality_penalty(
+            phi, subgradient=lambda x: jnp.sign(x)[..., :2, :2], double_sided=True
+        )
+    # A float16 result for float32 residuals is a real floating array: used, cast.
+    got = jop.orthogonality_penalty_grad(
+        phi, subgradient=lambda x: jnp.sign(x).astype(jnp.float16)
+    )
+    np.testing.assert_array_equal(got, jop.orthogonality_penalty_grad(phi))
+
+
+def test_ranks_beyond_the_einsum_letters_raise() -> None:
+    too_many = jax.ShapeDtypeStruct((1,) * 52, jnp.float32)
+    with pytest.raises(ValueError, match=r"`phi` must have rank at most 51 .* got rank 52"):
+        jax.eval_shape(jop.orthogonality_penalty, too_many)
+    fifty_one = jax.ShapeDtypeStruct((1,) * 49 + (2, 2), jnp.float32)
+    jax.eval_shape(jop.orthogonality_penalty, fifty_one)  # fine one-sided
+    with pytest.raises(ValueError, match=r"`double_sided=True` supports `phi` of rank at most 50"):
+        jax.eval_shape(lambda p: jop.orthogonality_penalty(p, double_sided=True), fifty_one)
+
+
+def test_mask_of_the_wrong_structure_names_mask() -> None:
+    params = {"a": jnp.eye(2), "b": jnp.eye(2)}
+    for mask in ({"a": True}, {"a": True, "c": False}, [True, False]):
+        with pytest.raises(ValueError, match=r"`mask` does not match the params"):
+            jop.tree_orthogonality_penalty(params, 1.0, mask=mask)
+        tx = jop.add_orthogonality_penalty(1.0, mask=mask)
+        with pytest.raises(ValueError, match=r"`mask` does not match the params"):
+            tx.init(params)
+    good = jop.add_orthogonality_penalty(1.0, mask={"a": True, "b": False})
+    state = good.init(params)
+    with pytest.raises(ValueError, match=r"`mask` does not match the params"):
+        good.update({"a": jnp.eye(2)}, state, {"a": jnp.eye(2)})
+
+
+def _jaxpr_shapes(f: Any, *args: Any) -> set[tuple[int, ...]]:
+    jaxpr = jax.make_jaxpr(f)(*args)
+    shapes: set[tuple[int, ...]] = set()
+
+    def walk(j: Any) -> None:
+        for eqn in j.eqns:
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return shapes
+
+
+@pytest.mark.parametrize("off_diagonal", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_double_sided_squared_forms_no_l_by_l_matrix(off_diagonal: bool, normalize: bool) -> None:
+    """The squared row term comes from the n x n residual; the L1 one needs l x l
+    (the control: the walk over the jaxpr would see an l x l array)."""
+    l = 24
+    phi = jnp.asarray(np.random.default_rng(0).normal(size=(l, 3, 4)), jnp.float32)
+    opts = dict(double_sided=True, off_diagonal=off_diagonal, normalize=normalize)
+
+    def has_l_by_l(norm: Any) -> bool:
+        f = jax.value_and_grad(lambda p: jop.orthogonality_penalty(p, norm=norm, **opts))
+        return any(s[-2:] == (l, l) for s in _jaxpr_shapes(f, phi))
+
+    assert not has_l_by_l("squared")
+    assert has_l_by_l("l1")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jax_orthopenalty.__main__ import main
+from jax_orthopenalty.demo import main
 
 TINY = ["--shape", "6", "3", "2", "--steps", "150", "--samples", "32", "--seed", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,6 +28,7 @@ def _number_after(label: str, out: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 def test_demo_trains_compares_and_writes_png(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -69,11 +70,12 @@ def test_demo_trains_compares_and_writes_png(
     assert kink['"positive"'] == kink["jax.grad(plain |.|)"]
 
     # 4. The plot is a real PNG at the path printed.
-    assert f"wrote {png}" in out
+    assert f"wrote the plot to {png}" in out
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 def test_demo_without_matplotlib_skips_the_plot(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -86,6 +88,7 @@ def test_demo_without_matplotlib_skips_the_plot(
     assert main([*TINY, "--no-compare", "--output", str(png)]) == 0
     out = capsys.readouterr().out
     assert "matplotlib is not installed, so no plot was written" in out
+    assert 'pip install "jax_orthopenalty[demo]"' in out  # and how to get it
     assert "wrote" not in out
     assert not png.exists()
     rows = _step_table(out)

@@ -498,12 +498,14 @@ def test_permuting_groups_permutes_the_gradient(seed, m):
     b=st.floats(-4, 4, allow_nan=False),
 )
 def test_linear_in_beta(seed, a, b):
+    # Traced betas (under jit) of either sign: a concrete negative beta raises.
     phi = np.random.default_rng(seed).normal(size=(4, 2, 3))
     with jax.enable_x64(True):
         p = _x64(phi)
         for fn in (jop.orthogonality_penalty, jop.orthogonality_penalty_grad):
-            lhs = np.asarray(fn(p, a + b))
-            rhs = np.asarray(fn(p, a)) + np.asarray(fn(p, b))
+            f = jax.jit(fn)
+            lhs = np.asarray(f(p, a + b))
+            rhs = np.asarray(f(p, a)) + np.asarray(f(p, b))
             np.testing.assert_allclose(lhs, rhs, rtol=1e-12, atol=1e-12)
 
 

@@ -114,6 +114,7 @@ def _train_equinox(beta: float) -> tuple[float, float, list[float]]:
     return float(losses[0]), float(loss(params)), errors
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 @pytest.mark.parametrize("train", [_train_flax, _train_equinox], ids=["flax", "equinox"])
 def test_training_reaches_low_task_loss_and_orthonormal_weights(
     train: Callable[[float], tuple[float, float, list[float]]],

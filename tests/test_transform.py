@@ -373,7 +373,9 @@ def test_inject_hyperparams_matches_and_changing_beta_changes_the_update() -> No
 def test_inject_hyperparams_with_a_schedule() -> None:
     params = {"w": jnp.asarray(_rand(np.random.default_rng(14), 4, 3), jnp.float32)}
     zeros = {"w": jnp.zeros((4, 3))}
-    tx = optax.inject_hyperparams(jop.add_orthogonality_penalty)(beta=lambda c: 0.5 * (c + 1))
+    tx = optax.inject_hyperparams(jop.add_orthogonality_penalty)(
+        beta=lambda c: 0.5 * (c + 1).astype(jnp.float32)
+    )
     state = tx.init(params)
     unit = _ref_grad(params["w"], 1.0)
     for t in range(3):
@@ -443,6 +445,7 @@ def test_params_none_raises() -> None:
             tx.update(params, tx.init(params))
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 @pytest.mark.parametrize(
     "make",
     [
@@ -473,6 +476,7 @@ def test_no_retrace_on_the_second_step(make: Callable[[], Any]) -> None:
     assert not np.allclose(params["w"], first["w"])
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize(
     "make",
@@ -506,6 +510,7 @@ def test_bfloat16_update_is_close_to_the_reference() -> None:
     np.testing.assert_allclose(np.asarray(new["w"], np.float64), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_multisteps_accumulates_then_adds_the_penalty_once(dtype: Any) -> None:
     rng = np.random.default_rng(18)
@@ -542,6 +547,7 @@ def _task(params: Any) -> jax.Array:
     return jnp.sum((params["w"] - target) ** 2) + jnp.sum(params["b"] ** 2)
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 @pytest.mark.parametrize(
     "opt",
     [
@@ -571,6 +577,7 @@ def test_coupled_chain_is_the_optimizer_on_loss_plus_tree_penalty(opt: Any) -> N
     assert not np.allclose(p1["w"], params["w"])
 
 
+@pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
 def test_decoupled_chain_adds_the_penalty_after_adam() -> None:
     beta, lr = 0.3, 0.05
     decoupled = optax.chain(

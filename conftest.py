@@ -1,0 +1,36 @@
+"""Applies to every test pytest collects here: tests/, the docstring examples, the docs.
+
+Shape bugs and silent dtype promotions fail loudly, as in equinox's and lineax's
+suites: the package must be clean for users who run under strict promotion.
+
+One exception, named per test: optax's own optimizers and schedules (``scale_by_adam``'s
+bias correction, ``linear_schedule``, ...) multiply Python floats by the int32 step
+count, which strict promotion rejects inside optax. Tests that run them are marked
+``optax_promotion`` and run under standard promotion; so are the docstring examples
+that build them. The package's own paths, the transform's update included, are run
+under strict promotion by the rest of the suite (tests/test_transformations.py).
+"""
+
+import re
+from collections.abc import Iterator
+
+import jax
+import pytest
+from _pytest.doctest import DoctestItem
+
+_OPTAX_STEP_COUNT = re.compile(r"optax\.(adam|adamw|scale_by_adam|\w+_schedule)\b")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, DoctestItem) and any(
+            _OPTAX_STEP_COUNT.search(example.source) for example in item.dtest.examples
+        ):
+            item.add_marker(pytest.mark.optax_promotion)
+
+
+@pytest.fixture(autouse=True)
+def _strict_promotion(request: pytest.FixtureRequest) -> Iterator[None]:
+    dtypes = "standard" if request.node.get_closest_marker("optax_promotion") else "strict"
+    with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion(dtypes):
+        yield

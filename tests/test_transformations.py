@@ -1,0 +1,426 @@
+"""Every entry point under every transformation a training step wraps around a loss.
+
+The matrix is entry point x transformation x kind of beta. Each entry point is turned
+into a scalar loss of one layer's ``phi`` (the value, or the output dotted with a fixed
+direction); each transformation computes the sum of that loss over a stack of layers
+in its own way (a Python loop under ``jax.jit``, ``jax.vmap``, ``lax.scan``, ...); and
+each case is compared with the plain, untransformed loss and its gradient: with
+respect to the layers, and with respect to beta where beta is traced.
+
+jax's own tests of custom rules take the same shape: a backward rule gets its
+residuals after remat, scan or shard_map have rewritten them (a Python float may come
+back as a typed constant, a shard's value carries varying-axes types), so each rule is
+run under each of them, crossed with weak and strong scalars.
+
+``shard_map`` and ``pmap`` run on this process's devices (one CPU device in the test
+process): the manual-axes types are the same on one device as on eight. Partitioning
+across several devices and processes is tested in ``test_sharding.py`` and
+``test_multiprocess.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_orthopenalty as jop
+
+Loss = Callable[[jax.Array, Any], jax.Array]  # (one layer's phi, beta) -> scalar
+
+LAYERS, SHAPE = 2, (4, 3, 2)  # a stack of 2 layers of (l, m, n) = (4, 3, 2)
+_rng = np.random.default_rng(0)
+PHI = jnp.asarray(_rng.normal(size=(LAYERS, *SHAPE)), jnp.float32)
+V = jnp.asarray(_rng.normal(size=(LAYERS, *SHAPE)), jnp.float32)  # a fixed direction
+BETA = 0.5
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _penalty(phi: jax.Array, beta: Any) -> jax.Array:
+    return jop.orthogonality_penalty(phi, beta)
+
+
+def _penalty_family(phi: jax.Array, beta: Any) -> jax.Array:
+    # The options with their own backward code: normalisation, the row term, huber.
+    return jop.orthogonality_penalty(
+        phi, beta, norm=jop.huber(0.5), normalize=True, double_sided=True, off_diagonal=True
+    )
+
+
+def _penalty_grad(phi: jax.Array, beta: Any) -> jax.Array:
+    return jnp.vdot(jop.orthogonality_penalty_grad(phi, beta), _direction(phi))
+
+
+def _tree(phi: jax.Array, beta: Any) -> jax.Array:
+    params = {"w": phi, "bias": jnp.sum(phi, axis=0)}  # the rank-2 bias is a target too
+    return jop.tree_orthogonality_penalty(params, beta, mask={"w": True, "bias": False})
+
+
+def _update(phi: jax.Array, beta: Any) -> jax.Array:
+    tx = jop.add_orthogonality_penalty(beta)
+    params = {"w": phi, "b": phi[0, 0]}
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    return jnp.vdot(updates["w"], _direction(phi)) + jnp.sum(updates["b"])
+
+
+def _direction(phi: jax.Array) -> jax.Array:
+    # A direction that depends on phi's shape only, so every layer gets the same one.
+    return jnp.cos(jnp.arange(phi.size, dtype=phi.dtype)).reshape(phi.shape)
+
+
+ENTRY_POINTS: dict[str, Loss] = {
+    "penalty": _penalty,
+    "penalty_family": _penalty_family,
+    "penalty_grad": _penalty_grad,
+    "tree": _tree,
+    "update": _update,
+}
+
+
+# --------------------------------------------------------------------------- beta kinds
+# Each kind is (a constant closed over, or None for a traced argument).
+
+BETAS: dict[str, Any] = {
+    "python_float": BETA,
+    "python_int": 2,
+    "numpy_scalar": np.float32(BETA),
+    "jax_weak": jnp.asarray(BETA),
+    "jax_strong": jnp.float32(BETA),
+    "traced": None,
+}
+
+
+# --------------------------------------------------------------------------- transformations
+# Each maps a loss of one layer to a function of (stack of layers, beta) -> scalar sum.
+
+
+def _loop(loss: Loss) -> Callable[[jax.Array, Any], jax.Array]:
+    def total(stack: jax.Array, beta: Any) -> jax.Array:
+        return sum((loss(stack[k], beta) for k in range(stack.shape[0])), jnp.float32(0))
+
+    return total
+
+
+def _jit(loss: Loss) -> Any:
+    return jax.jit(_loop(loss))
+
+
+def _vmap(loss: Loss) -> Any:
+    return lambda stack, beta: jnp.sum(jax.vmap(loss, in_axes=(0, None))(stack, beta))
+
+
+def _grad_of_grad(loss: Loss) -> Any:
+    # Reverse over reverse: the directional derivative of the gradient along V, summed
+    # with V's layer. Compared with forward over reverse of the plain loss, below.
+    def total(stack: jax.Array, beta: Any) -> jax.Array:
+        g = jax.grad(_loop(loss))(stack, beta)
+        return jnp.vdot(g, V)
+
+    return total
+
+
+def _checkpoint(policy: Any) -> Callable[[Loss], Any]:
+    def wrap(loss: Loss) -> Any:
+        return _loop(jax.checkpoint(loss, policy=policy))
+
+    return wrap
+
+
+def _scan(remat: bool) -> Callable[[Loss], Any]:
+    def wrap(loss: Loss) -> Any:
+        def total(stack: jax.Array, beta: Any) -> jax.Array:
+            def body(carry: jax.Array, phi: jax.Array) -> tuple[jax.Array, None]:
+                return carry + loss(phi, beta), None
+
+            step = jax.checkpoint(body) if remat else body
+            return lax.scan(step, jnp.float32(0), stack)[0]
+
+        return total
+
+    return wrap
+
+
+def _cond(loss: Loss) -> Any:
+    def total(stack: jax.Array, beta: Any) -> jax.Array:
+        # A predicate the compiler cannot see through: both branches are traced.
+        def one(phi: jax.Array) -> jax.Array:
+            return lax.cond(
+                jnp.sum(phi) < jnp.inf,
+                lambda p: loss(p, beta),
+                lambda p: jnp.zeros((), jnp.float32),
+                phi,
+            )
+
+        return sum((one(stack[k]) for k in range(stack.shape[0])), jnp.float32(0))
+
+    return total
+
+
+def _map(loss: Loss) -> Any:
+    return lambda stack, beta: jnp.sum(lax.map(lambda phi: loss(phi, beta), stack))
+
+
+def _fori(loss: Loss) -> Any:
+    def total(stack: jax.Array, beta: Any) -> jax.Array:
+        body = lambda k, acc: acc + loss(stack[k], beta)  # noqa: E731
+        return lax.fori_loop(0, stack.shape[0], body, jnp.float32(0))
+
+    return total
+
+
+def _shard_map(axis_type: AxisType) -> Callable[[Loss], Any]:
+    # Each phi's group axis is split over the mesh; the loss of a shard is the penalty
+    # of its groups (a per-shard value), and the psum adds the shards.
+    def wrap(loss: Loss) -> Any:
+        mesh = jax.make_mesh((len(jax.devices()),), ("g",), axis_types=(axis_type,))
+        spec = P(None, None, "g", None)
+
+        def total(stack: jax.Array, beta: Any) -> jax.Array:
+            if axis_type == AxisType.Explicit:
+                stack = jax.sharding.reshard(stack, NamedSharding(mesh, spec))
+
+            def local(s: jax.Array, b: Any) -> jax.Array:
+                return lax.psum(_loop(loss)(s, b), "g")
+
+            if beta is None or not isinstance(beta, jax.Array):
+                return jax.shard_map(
+                    lambda s: local(s, beta), mesh=mesh, in_specs=spec, out_specs=P()
+                )(stack)
+            return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=P())(
+                stack, beta
+            )
+
+        return total
+
+    return wrap
+
+
+def _pmap(loss: Loss) -> Any:
+    def total(stack: jax.Array, beta: Any) -> jax.Array:
+        n = len(jax.devices())
+        split = stack.reshape(n, -1, *stack.shape[1:])
+        per_device = jax.pmap(_loop(loss), in_axes=(0, None))(split, beta)
+        return jnp.sum(per_device)
+
+    return total
+
+
+TRANSFORMATIONS: dict[str, Callable[[Loss], Any]] = {
+    "jit": _jit,
+    "vmap": _vmap,
+    "grad_of_grad": _grad_of_grad,
+    "checkpoint": _checkpoint(None),
+    "checkpoint_nothing_saveable": _checkpoint(jax.checkpoint_policies.nothing_saveable),
+    "checkpoint_dots_saveable": _checkpoint(jax.checkpoint_policies.dots_saveable),
+    "scan": _scan(remat=False),
+    "scan_remat": _scan(remat=True),
+    "cond": _cond,
+    "map": _map,
+    "fori_loop": _fori,
+    "shard_map_auto": _shard_map(AxisType.Auto),
+    "shard_map_explicit": _shard_map(AxisType.Explicit),
+    "pmap": _pmap,
+}
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+def _plain_beta(beta_kind: str) -> float:
+    return 2.0 if beta_kind == "python_int" else BETA
+
+
+@functools.cache
+def _reference(entry: str, transform: str, beta_kind: str) -> tuple[jax.Array, Any]:
+    """The plain loss's value and gradient; the same for every transformation except
+    grad_of_grad, whose case is a first derivative (cached: one compile per row)."""
+    plain = _loop(ENTRY_POINTS[entry])
+    beta = jnp.float32(_plain_beta(beta_kind))
+    traced = beta_kind == "traced"
+    if transform == "grad_of_grad":
+        # The case is <grad, V>; its gradient is the Hessian times V (the Hessian is
+        # symmetric), here by forward over reverse of the plain loss: the same second
+        # derivative by another route (for the custom_vjp penalty, through its
+        # backward pass). Every entry point is linear in beta, so d/dbeta is value/beta.
+        value = jnp.vdot(jax.grad(plain)(PHI, beta), V)
+        hv = jax.jvp(lambda s: jax.grad(plain)(s, beta), (PHI,), (V,))[1]
+        return value, ((hv, value / beta) if traced else hv)
+    return jax.value_and_grad(plain, argnums=(0, 1) if traced else 0)(PHI, beta)
+
+
+@pytest.mark.parametrize("beta_kind", list(BETAS))
+@pytest.mark.parametrize("transform", list(TRANSFORMATIONS))
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_matrix(entry: str, transform: str, beta_kind: str) -> None:
+    case = TRANSFORMATIONS[transform](ENTRY_POINTS[entry])
+    want_value, want_grad = _reference(
+        entry, "grad_of_grad" if transform == "grad_of_grad" else "", beta_kind
+    )
+    if beta_kind == "traced":
+        args: tuple[Any, ...] = (PHI, jnp.float32(BETA))
+        got_value, got_grad = jax.jit(jax.value_and_grad(case, argnums=(0, 1)))(*args)
+    else:
+        const = BETAS[beta_kind]
+        f = jax.value_and_grad(lambda stack: case(stack, const))
+        got_value, got_grad = jax.jit(f)(PHI)
+
+    np.testing.assert_allclose(got_value, want_value, rtol=2e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
+    assert np.all(np.isfinite(jax.tree.leaves(got_grad)[0]))
+
+
+def test_matrix_exercises_the_backward_rule() -> None:
+    # The matrix's gradients of the custom_vjp entry points are not all zero (a loss
+    # that ignored phi would pass every comparison above).
+    g = jax.grad(_loop(_penalty))(PHI, BETA)
+    assert float(jnp.abs(g).min()) > 0
+
+
+def test_scan_remat_grad_python_float_beta_at_the_default() -> None:
+    # The report that opened the issue, verbatim: a Python-float beta under remat.
+    phi = jnp.eye(3, 2) * 2.0
+    got = jax.grad(jax.checkpoint(lambda p: jop.orthogonality_penalty(p, 0.5)))(phi)
+    np.testing.assert_array_equal(got, jax.grad(jop.orthogonality_penalty)(phi, 0.5))
+    got = jax.grad(jax.checkpoint(jop.orthogonality_penalty))(phi)  # beta=1.0
+    np.testing.assert_array_equal(got, 2 * phi)  # 2 beta phi sign(diag(3, 3)), beta = 1
+
+
+# --------------------------------------------------------------------------- framework wrappers
+# What users write: the penalty inside flax's and equinox's own remat and scan.
+
+
+def _reference_stack_grad(kernels: jax.Array, beta: float) -> jax.Array:
+    """The plain gradient of the penalty summed over a (layers, in, out) stack."""
+    dims = jop.OrthoDims(vector_axis=1, column_axis=2)
+    return jax.grad(
+        lambda k: jop.orthogonality_penalty(
+            k, beta, vector_axis=dims.vector_axis, column_axis=dims.column_axis
+        )
+    )(kernels)
+
+
+def test_flax_linen_scan_with_remat() -> None:
+    import flax.linen as nn
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, jax.Array]:
+            kernel = self.param("kernel", nn.initializers.normal(1.0), (4, 4))
+            # The penalty of this layer's kernel, computed inside the scanned body.
+            return jnp.tanh(x @ kernel), jop.orthogonality_penalty(kernel, 0.5)
+
+    Stack = nn.scan(
+        nn.remat(Layer),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=3,
+    )
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+            y, penalties = Stack(name="stack")(x, None)
+            return y, jnp.sum(penalties)
+
+    model = Model()
+    x = jnp.ones((2, 4))
+    variables = model.init(jax.random.key(0), x)
+    kernels = variables["params"]["stack"]["kernel"]  # (layers, in, out)
+    assert kernels.shape == (3, 4, 4)
+    grads = jax.jit(jax.grad(lambda v: model.apply(v, x)[1]))(variables)
+    got = grads["params"]["stack"]["kernel"]
+    np.testing.assert_allclose(got, _reference_stack_grad(kernels, 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_flax_nnx_remat_and_scan() -> None:
+    from flax import nnx
+
+    layers = 3
+    keys = jax.random.split(jax.random.key(0), layers)
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key: jax.Array) -> nnx.Linear:
+        return nnx.Linear(4, 4, rngs=nnx.Rngs(key))
+
+    stack = make(keys)
+    kernels = stack.kernel[...]
+
+    def loss(model: nnx.Linear) -> jax.Array:
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.remat
+        def body(total: jax.Array, layer: nnx.Linear) -> jax.Array:
+            return total + jop.orthogonality_penalty(layer.kernel[...], 0.5)
+
+        return body(jnp.zeros((), jnp.float32), model)
+
+    grads = nnx.grad(loss)(stack)
+    np.testing.assert_allclose(
+        grads.kernel[...], _reference_stack_grad(kernels, 0.5), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_equinox_filter_checkpoint_and_tree_penalty() -> None:
+    import equinox as eqx
+
+    model = eqx.nn.MLP(4, 3, 6, 2, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    # An equinox Module of OrthoDims / None (callable, yet a tree) as dimension_numbers.
+    dims = jax.tree.map(
+        lambda x: jop.OrthoDims(vector_axis=1, column_axis=0) if x.ndim == 2 else None, params
+    )
+    assert callable(dims)
+
+    @eqx.filter_checkpoint
+    def penalty(p: Any) -> jax.Array:
+        return jop.tree_orthogonality_penalty(p, 0.5, dimension_numbers=dims)
+
+    got = eqx.filter_jit(eqx.filter_grad(penalty))(params)
+    for layer_got, layer in zip(got.layers, params.layers, strict=True):
+        want = jax.grad(jop.orthogonality_penalty)(layer.weight, 0.5, vector_axis=1, column_axis=0)
+        np.testing.assert_allclose(layer_got.weight, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(layer_got.bias, jnp.zeros_like(layer.bias))
+    del static
+
+
+def test_equinox_module_of_bools_is_a_mask_tree() -> None:
+    import equinox as eqx
+
+    model = eqx.nn.MLP(4, 3, 6, 1, key=jax.random.key(1))
+    params = eqx.filter(model, eqx.is_array)
+    mask = jax.tree.map(lambda _: False, params)
+    mask = eqx.tree_at(lambda m: m.layers[0].weight, mask, True)  # only the first weight
+    assert callable(mask)
+    dims = jop.OrthoDims(vector_axis=1, column_axis=0)
+    want = jop.orthogonality_penalty(params.layers[0].weight, 1.0, vector_axis=1, column_axis=0)
+    got = jop.tree_orthogonality_penalty(
+        params,
+        1.0,
+        mask=mask,
+        dimension_numbers=lambda p: jax.tree.map(lambda x: dims if x.ndim == 2 else None, p),
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    tx = jop.add_orthogonality_penalty(
+        1.0,
+        mask=mask,
+        dimension_numbers=jax.tree.map(lambda x: dims if x.ndim == 2 else None, params),
+    )
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    np.testing.assert_allclose(
+        updates.layers[0].weight,
+        jop.orthogonality_penalty_grad(params.layers[0].weight, vector_axis=1, column_axis=0),
+        rtol=1e-6,
+    )
+    np.testing.assert_array_equal(updates.layers[1].weight, zeros.layers[1].weight)

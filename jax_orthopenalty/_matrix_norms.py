@@ -158,7 +158,9 @@ def _power_value(x: jax.Array, squared: bool, iterations: int) -> jax.Array:
     def step(_: int, v: jax.Array) -> jax.Array:
         return _unit(jnp.einsum("...jk,...k->...j", x, v, precision=HIGHEST))
 
-    v = jax.lax.fori_loop(0, iterations, step, v)
+    # The first step outside the loop: the carry then starts with x's type (under
+    # shard_map, varying over x's mesh axes), not the constant b's.
+    v = jax.lax.fori_loop(1, iterations, step, step(0, v))
     xv = jnp.einsum("...jk,...k->...j", x, v, precision=HIGHEST)
     if squared:
         return jnp.sum(xv * xv, axis=-1)

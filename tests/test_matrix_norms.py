@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from jax.test_util import check_grads
+from test_transformations import TRANSFORMATIONS
 
 import jax_orthopenalty as jop
 from jax_orthopenalty._matrix_norms import power_start
@@ -251,6 +252,33 @@ def test_transform_and_tree_penalty(norm):
     np.testing.assert_array_equal(np.asarray(updates["b"]), 0)
     direct = jop.orthogonality_penalty_grad(params["w"], 0.3, **opts)
     np.testing.assert_allclose(np.asarray(grads["w"]), np.asarray(direct), atol=1e-6)
+
+
+def _matrix_norms_loss(phi, beta):
+    return (
+        jop.orthogonality_penalty(phi, beta, norm="spectral")
+        + jop.orthogonality_penalty(phi, beta, norm="max", off_diagonal=True, normalize=True)
+        + jop.orthogonality_penalty(phi, beta, norm=jop.spectral(True, 2))
+    )
+
+
+@pytest.mark.parametrize(
+    "transform", ["checkpoint_nothing_saveable", "scan_remat", "cond", "shard_map_explicit"]
+)
+def test_under_transformations_with_traced_beta(transform):
+    # The transformations of tests/test_transformations.py, on a stack of layers.
+    stack = jnp.asarray(RNG.normal(size=(3, 4, 2, 3)), jnp.float32)
+    beta = jnp.float32(0.5)
+    total = TRANSFORMATIONS[transform](_matrix_norms_loss)
+    value, grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(stack, beta)
+
+    def plain(s, b):
+        return sum(_matrix_norms_loss(s[k], b) for k in range(s.shape[0]))
+
+    expected, (g_phi, g_beta) = jax.value_and_grad(plain, argnums=(0, 1))(stack, beta)
+    np.testing.assert_allclose(float(value), float(expected), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(g_phi), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(grads[1]), float(g_beta), rtol=1e-5)
 
 
 # ------------------------------------------------------------------ normalize_eps

@@ -262,9 +262,7 @@ def _matrix_norms_loss(phi, beta):
     )
 
 
-@pytest.mark.parametrize(
-    "transform", ["checkpoint_nothing_saveable", "scan_remat", "cond", "shard_map_explicit"]
-)
+@pytest.mark.parametrize("transform", ["scan_remat", "shard_map_explicit"])
 def test_under_transformations_with_traced_beta(transform):
     # The transformations of tests/test_transformations.py, on a stack of layers.
     stack = jnp.asarray(RNG.normal(size=(3, 4, 2, 3)), jnp.float32)

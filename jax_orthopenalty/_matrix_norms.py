@@ -172,13 +172,13 @@ def _power_value(x: jax.Array, squared: bool, iterations: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class SpectralRule:
-    """``joint`` for the spectral norm; hashable and compared by value."""
+    """``x -> (value, F)`` for the spectral norm; hashable and compared by value."""
 
     squared: bool
     iterations: int | None
     sign: Sign
 
-    def joint(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         if x.shape[-1] == 0:
             return jnp.zeros(x.shape[:-2], x.dtype), x
         if self.iterations is None:
@@ -192,11 +192,11 @@ class SpectralRule:
 
 @dataclasses.dataclass(frozen=True)
 class MaxRule:
-    """``joint`` for the max norm; hashable and compared by value."""
+    """``x -> (value, F)`` for the max norm; hashable and compared by value."""
 
     sign: Sign
 
-    def joint(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         if x.shape[-1] == 0:
             return jnp.zeros(x.shape[:-2], x.dtype), x
         mod = jnp.abs(x)

@@ -363,7 +363,7 @@ def make_rule(norm: Norm, subgradient: Subgradient) -> Rule:
     if isinstance(norm, huber):
         return Rule(norm.value, norm.derivative)
     if isinstance(norm, spectral):
-        return _matrix_rule(SpectralRule(norm.squared, norm.iterations, derivative).joint)
+        return _matrix_rule(SpectralRule(norm.squared, norm.iterations, derivative))
     if isinstance(norm, str):
         if norm == "l1":
             return Rule(jnp.abs, derivative)
@@ -372,7 +372,7 @@ def make_rule(norm: Norm, subgradient: Subgradient) -> Rule:
         if norm == "spectral":
             return make_rule(spectral(), subgradient)
         if norm == "max":
-            return _matrix_rule(MaxRule(derivative).joint)
+            return _matrix_rule(MaxRule(derivative))
         raise ValueError(f"`norm` must be {_NORMS}, got {norm!r}.")
     raise TypeError(f"`norm` must be {_NORMS}, got {norm!r} of type {type(norm).__name__}.")
 

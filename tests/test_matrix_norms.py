@@ -14,6 +14,7 @@ from test_transformations import TRANSFORMATIONS
 
 import jax_orthopenalty as jop
 from jax_orthopenalty._matrix_norms import power_start
+from jax_orthopenalty._rules import make_rule
 
 import reference as ref
 
@@ -356,6 +357,11 @@ def test_normalize_eps_under_inject_hyperparams():
 def test_spectral_is_a_validated_hashable_value():
     assert jop.spectral() == jop.spectral(False, None)
     assert hash(jop.spectral(True, 2)) == hash(jop.spectral(True, 2))
+    # ... and so is the rule built from it: equal options give equal static specs
+    for norm in ("spectral", "max", jop.spectral(True, 2)):
+        assert make_rule(norm, "zero") == make_rule(norm, "zero")
+        assert hash(make_rule(norm, "zero")) == hash(make_rule(norm, "zero"))
+    assert make_rule("max", "zero") != make_rule("max", "positive")
     with pytest.raises(ValueError, match="iterations"):
         jop.spectral(iterations=0)
     with pytest.raises(TypeError, match="iterations"):

@@ -13,6 +13,7 @@ from ._rules import Norm as Norm
 from ._rules import Subgradient as Subgradient
 from ._rules import deadzone as deadzone
 from ._rules import huber as huber
+from ._rules import spectral as spectral
 from ._transform import AddOrthogonalityPenaltyState as AddOrthogonalityPenaltyState
 from ._transform import OrthoDims as OrthoDims
 from ._transform import add_orthogonality_penalty as add_orthogonality_penalty
@@ -34,5 +35,6 @@ __all__ = [
     "orthogonality_penalty",
     "orthogonality_penalty_grad",
     "project_orthonormal",
+    "spectral",
     "tree_orthogonality_penalty",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ._rules import Norm, Rule, Subgradient, make_rule
+from ._rules import Norm, Rule, Subgradient, make_rule, subgradient_fn
 
 __all__ = [
     "DEFAULT_PRECISION",
@@ -33,6 +33,7 @@ __all__ = [
     "accumulation_dtype",
     "check_beta",
     "check_flag",
+    "check_normalize_eps",
     "check_phi",
     "make_layout",
     "make_spec",
@@ -42,8 +43,10 @@ DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
 """The default matmul precision of the Gram matrix: full float32 on GPU and TPU."""
 
 NORMALIZE_EPS = 1e-12
-r"""``normalize=True`` divides column :math:`j` by :math:`\sqrt{\max(|\phi_j|^2, 10^{-12})}`,
-as ``tf.math.l2_normalize`` (and so Keras' ``OrthogonalRegularizer``) does."""
+r"""The default ``normalize_eps``: ``normalize=True`` divides column :math:`j` by
+:math:`\sqrt{\max(|\phi_j|^2, \epsilon)}`, :math:`\epsilon = 10^{-12}` as
+``tf.math.l2_normalize`` (and so Keras 2's ``OrthogonalRegularizer``) does; Keras 3's
+floor of :math:`10^{-7}` on the norm is ``normalize_eps=1e-14``."""
 
 VectorAxis = int | Sequence[int]
 
@@ -173,6 +176,21 @@ class Spec:
     off_diagonal: bool
     normalize: bool
     double_sided: bool
+    normalize_eps: float = NORMALIZE_EPS
+
+
+def check_normalize_eps(value: object) -> float:
+    """``normalize_eps``: a static, finite, positive Python float (or int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            "`normalize_eps` must be a Python float (static, the floor on the squared "
+            f"column norm), got {value!r} of type {type(value).__name__}. Under "
+            "optax.inject_hyperparams, name it in static_args: "
+            'static_args=("normalize_eps",).'
+        )
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`normalize_eps` must be finite and > 0, got {value!r}.")
+    return float(value)
 
 
 def check_flag(name: str, value: object) -> bool:
@@ -192,6 +210,7 @@ def make_spec(
     off_diagonal: bool,
     normalize: bool,
     double_sided: bool,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> Spec:
     """Validates every static option against ``phi`` (at trace time)."""
     spec = Spec(
@@ -201,7 +220,17 @@ def make_spec(
         off_diagonal=check_flag("off_diagonal", off_diagonal),
         normalize=check_flag("normalize", normalize),
         double_sided=check_flag("double_sided", double_sided),
+        normalize_eps=check_normalize_eps(normalize_eps),
     )
+    if spec.double_sided and spec.rule.per_group:
+        # The row term of a matrix norm is not a sum over entries of the l x l residual:
+        # for the spectral norm it is max(column term, [l > n]), so it adds nothing but a
+        # constant; the max norm's would be one more arg-max. Neither is implemented.
+        raise ValueError(
+            f"`double_sided=True` is not supported with norm={norm!r}: it is defined for "
+            "the entrywise norms ('l1', 'squared', huber). For the spectral norm the row "
+            "term ||Phi Phi^T - I||_2 equals the column term (or 1 when l > n)."
+        )
     layout = spec.layout
     if double_sided and phi.ndim + 1 + len(layout.vector_axes) > len(string.ascii_letters):
         raise ValueError(
@@ -210,22 +239,29 @@ def make_spec(
             f"{len(layout.vector_axes)} vector axes (one einsum letter per axis), "
             f"got rank {phi.ndim}."
         )
+    groups = tuple(phi.shape[a] for a in layout.group_axes)
+    n = phi.shape[layout.column_axis]
+    dtype = accumulation_dtype(phi.dtype)
     if not isinstance(norm, str) or norm == "l1":
         # The residuals the rule's derivative is applied to, at their real shapes.
-        groups = tuple(phi.shape[a] for a in layout.group_axes)
         vectors = tuple(phi.shape[a] for a in layout.vector_axes)
-        n = phi.shape[layout.column_axis]
         shapes = [(*groups, n, n)] + ([(*groups, *vectors, *vectors)] if double_sided else [])
         for shape in shapes:
-            _check_derivative(spec.rule, subgradient, shape, accumulation_dtype(phi.dtype))
+            _check_derivative(spec.rule.derivative, subgradient, shape, dtype)
+    if spec.rule.per_group and not isinstance(subgradient, str):
+        # A matrix norm applies the convention to eigenvalues or entries, not to X:
+        # check the callable itself (a wrong shape would broadcast silently in F).
+        _check_derivative(subgradient_fn(subgradient), subgradient, (*groups, n, n), dtype)
     return spec
 
 
-def _check_derivative(rule: Rule, subgradient: Subgradient, shape: Any, dtype: Any) -> None:
+def _check_derivative(
+    fn: Callable[[jax.Array], jax.Array], subgradient: Subgradient, shape: Any, dtype: Any
+) -> None:
     """The derivative maps an array ``x`` to a real floating array of ``x``'s shape."""
     probe = jax.ShapeDtypeStruct(shape, dtype)  # type: ignore[no-untyped-call]
     try:
-        out = jax.eval_shape(rule.derivative, probe)
+        out = jax.eval_shape(fn, probe)
     except Exception as e:  # the user's callable failed on the real residual's shape
         raise TypeError(
             f"`subgradient` {subgradient!r} failed on the residual X of shape {shape} "

@@ -45,6 +45,7 @@ from ._layout import (
     accumulation_dtype,
     check_beta,
     check_flag,
+    check_normalize_eps,
     check_phi,
     make_layout,
     make_spec,
@@ -151,9 +152,21 @@ def _derivative(spec: Spec, x: jax.Array, axes: tuple[int, ...] = (-2, -1)) -> j
     finite and wrong. So every group with a non-finite residual entry gets a NaN
     derivative, and its gradient is NaN: exact or non-finite, never finite and wrong.
     """
-    d = spec.rule.derivative(x).astype(x.dtype)
+    return _nan_where_nonfinite(spec.rule.derivative(x).astype(x.dtype), x, axes)
+
+
+def _nan_where_nonfinite(d: jax.Array, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     finite = jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)
     return jnp.where(finite, d, jnp.nan)
+
+
+def _value_and_derivative(spec: Spec, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The rule's value and derivative (as :func:`_derivative`) at the n x n residual.
+
+    One call of the rule, so a matrix norm decomposes each group once.
+    """
+    fx, d = spec.rule(x)
+    return fx, _nan_where_nonfinite(d.astype(x.dtype), x, (-2, -1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,12 +208,12 @@ def _residual(spec: Spec, phi: jax.Array, acc: Any) -> _Gram:
     gram = _gram(spec, phi, acc)
     eye = _eye(gram.shape[-1], gram.ndim, acc)
     sq = jnp.diagonal(gram, axis1=-2, axis2=-1)
-    inv_norm = jax.lax.rsqrt(jnp.maximum(sq, NORMALIZE_EPS))
+    inv_norm = jax.lax.rsqrt(jnp.maximum(sq, spec.normalize_eps))
     x = gram * inv_norm[..., :, None] * inv_norm[..., None, :] - eye
     # A normalised column has |psi_j|^2 = 1 identically, so X_jj = 0 with zero
     # derivative. Say so exactly instead of leaving 1 - |psi_j|^2 ~ 1e-16 to the
     # kink's convention. NaN fails `sq > eps` and stays.
-    unit_diagonal = (eye == 1) & (sq > NORMALIZE_EPS)[..., None, :]
+    unit_diagonal = (eye == 1) & (sq > spec.normalize_eps)[..., None, :]
     x = jnp.where(unit_diagonal, 0, x)
     return _Gram(phi, col_scale, gram, x, eye, inv_norm, unit_diagonal)
 
@@ -209,18 +222,23 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
     acc = accumulation_dtype(phi.dtype)
     g = _residual(spec, phi, acc)
     x, eye, inv_norm, unit_diagonal = g.x, g.eye, g.inv_norm, g.unit_diagonal
-    fx, f_prime = spec.rule.value(x), _derivative(spec, x)
+    residual = x  # unmasked: the squared double-sided term is an identity in X
+    if spec.off_diagonal:
+        # X with its diagonal zeroed goes into the norm (entrywise or matrix), and F
+        # comes out with its diagonal zeroed. Products, not selects: NaN and Inf on the
+        # diagonal still reach the value, and make the group's derivative NaN.
+        x = x * (1 - eye)
+    fx, f_prime = _value_and_derivative(spec, x)
     if unit_diagonal is not None:
         f_prime = jnp.where(unit_diagonal, 0, f_prime)
     if spec.off_diagonal:
-        # A product, not a select: NaN and Inf on the diagonal still reach the value.
-        fx, f_prime = fx * (1 - eye), f_prime * (1 - eye)
+        f_prime = f_prime * (1 - eye)
     total = jnp.sum(fx)
     row_f_prime = row_w = row_rho = None
     if spec.double_sided:
         psi = phi if inv_norm is None else _normalized(spec, g.phi, inv_norm)
         if spec.rule == SQUARED:
-            row_total, row_w, row_rho = _row_block_squared(spec, x, psi)
+            row_total, row_w, row_rho = _row_block_squared(spec, residual, psi)
         else:
             row_total, row_f_prime = _row_block(spec, psi, acc)
         total = total + row_total
@@ -270,7 +288,7 @@ def _normalized_backward(
     r = res.inv_norm
     # Through Psi = Phi D with nu = sqrt(max(C_jj, eps)); d nu / d phi is 0 where
     # C_jj <= eps, which is where the max picks eps.
-    live = (jnp.diagonal(res.gram, axis1=-2, axis2=-1) > NORMALIZE_EPS).astype(r.dtype)
+    live = (jnp.diagonal(res.gram, axis1=-2, axis2=-1) > spec.normalize_eps).astype(r.dtype)
     if res.row_f_prime is None and res.row_rho is None:
         # One matmul: Phi (D W D - diag(c_j live_j / nu_j^3)), c_j = (C D W)_jj.
         c = jnp.einsum("...jk,...k,...kj->...j", res.gram, r, w, precision=spec.precision)
@@ -396,6 +414,7 @@ def orthogonality_penalty(
     off_diagonal: bool = False,
     normalize: bool = False,
     double_sided: bool = False,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> jax.Array:
     r"""The orthogonality penalty, with a closed-form backward pass.
 
@@ -439,10 +458,16 @@ def orthogonality_penalty(
         conv kernel's ``(0, 1, 2)``) of the :math:`l`-vectors: contracted in the Gram.
       column_axis: the axis that indexes the :math:`n` vectors of a group. Every axis
         that is neither a vector nor the column axis is a group axis.
-      norm: the entrywise :math:`f`: ``"l1"`` (:math:`|x|`), ``"squared"``
-        (:math:`x^2`, the Frobenius² "soft orthogonality" penalty) or
-        :func:`huber` ``(delta)``.
-      subgradient: the derivative of :math:`|x|` for ``norm="l1"``: ``"zero"``
+      norm: :math:`f`. Entrywise, summed over the entries: ``"l1"``
+        (:math:`|x|`), ``"squared"`` (:math:`x^2`, the Frobenius² "soft
+        orthogonality" penalty) or :func:`huber` ``(delta)``. Per group:
+        ``"spectral"`` or :func:`spectral` ``(squared=False, iterations=None)``
+        (:math:`\lVert X_i\rVert_2`, the largest :math:`|\lambda|`; squared: SRIP),
+        ``"max"`` (:math:`\max_{jk} |X_i|_{jk}`; mutual coherence with
+        ``off_diagonal=True, normalize=True``). Every one keeps the one-matmul
+        backward pass :math:`\beta\,\Phi_i (F_i + F_i^\top)`.
+      subgradient: the derivative of :math:`|x|` wherever the norm needs it
+        (``"l1"``; ``"max"`` and ``"spectral"`` at :math:`X_i = 0`): ``"zero"``
         (sign(0) = 0, default), ``"positive"`` (sign(0) = 1, what autodiff does),
         ``"negative"`` (sign(0) = -1), :func:`deadzone` ``(tol)``, or a callable
         ``x -> s`` with values in [-1, 1]. Ignored by the smooth norms. Static.
@@ -452,7 +477,7 @@ def orthogonality_penalty(
       off_diagonal: leave the diagonal of :math:`\Phi_i^\top\Phi_i - I` out (BigGAN,
         Sonnet, Keras): only the angles are penalised, not the norms.
       normalize: scale the columns to unit norm first, dividing by
-        :math:`\sqrt{\max(|\phi_j|^2, 10^{-12})}`, so the penalty acts on cosines
+        :math:`\sqrt{\max(|\phi_j|^2, \epsilon)}`, so the penalty acts on cosines
         (Keras). The gradient goes through the normalisation. The diagonal of a
         normalised column's Gram is exactly 1; a zero column has cosines 0 and
         :math:`X_{jj} = -1`, with a finite gradient.
@@ -462,7 +487,12 @@ def orthogonality_penalty(
         ``norm="squared"`` it comes from the :math:`n \times n` residual exactly
         (:math:`\lVert\Phi_i\Phi_i^\top - I_l\rVert^2 = \lVert X_i\rVert^2 + l - n`);
         the other norms form an :math:`l \times l` residual per group, :math:`m l^2`
-        numbers.
+        numbers. Entrywise norms only (``ValueError`` with ``"spectral"`` or ``"max"``).
+      normalize_eps: the floor :math:`\epsilon` on the squared column norm under
+        ``normalize``: column :math:`j` is divided by
+        :math:`\sqrt{\max(|\phi_j|^2, \epsilon)}`. ``1e-12`` (default) is
+        ``tf.math.l2_normalize`` (Keras 2), ``1e-14`` is Keras 3's floor of
+        :math:`10^{-7}` on the norm. A static, finite, positive Python float.
 
     Returns:
       The scalar penalty, in ``phi``'s dtype (accumulated in float32 for
@@ -478,7 +508,9 @@ def orthogonality_penalty(
     Raises:
       ValueError: rank < 2 (or beyond the einsum letters), axes out of range or
         overlapping, a non-scalar ``beta``, a concrete ``beta`` that is negative,
-        NaN or infinite, an unknown ``norm`` or ``subgradient`` name.
+        NaN or infinite, an unknown ``norm`` or ``subgradient`` name, a
+        ``normalize_eps`` that is not finite and positive, ``double_sided`` with a
+        matrix norm.
       TypeError: a non-floating or complex ``phi``, a ``beta`` that is not a real
         number, options of the wrong type, a ``subgradient`` whose output at the
         residual's shape has another shape or a non-floating dtype.
@@ -510,6 +542,7 @@ def orthogonality_penalty(
         off_diagonal=off_diagonal,
         normalize=normalize,
         double_sided=double_sided,
+        normalize_eps=normalize_eps,
     )
     return _penalty(spec, *_same_varying_axes(phi_arr, beta_arr))
 
@@ -526,6 +559,7 @@ def orthogonality_penalty_grad(
     off_diagonal: bool = False,
     normalize: bool = False,
     double_sided: bool = False,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> jax.Array:
     r"""The closed-form gradient of :func:`orthogonality_penalty`, as plain JAX.
 
@@ -547,12 +581,14 @@ def orthogonality_penalty_grad(
       beta: the strength, a Python float or a scalar array.
       vector_axis: the axis or axes of the vectors.
       column_axis: the axis of the columns.
-      norm: ``"l1"``, ``"squared"`` or :func:`huber` ``(delta)``.
-      subgradient: the kink convention for ``"l1"``.
+      norm: ``"l1"``, ``"squared"``, :func:`huber` ``(delta)``, ``"spectral"``,
+        :func:`spectral` ``(...)`` or ``"max"``.
+      subgradient: the kink convention (``"l1"``, and ``"max"``/``"spectral"`` at 0).
       precision: the matmul precision, ``HIGHEST`` by default.
       off_diagonal: leave the diagonal out.
       normalize: penalise the cosines of unit-norm columns.
       double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term.
+      normalize_eps: the floor on the squared column norm under ``normalize``.
 
     Returns:
       An array of ``phi``'s shape and dtype.
@@ -583,6 +619,7 @@ def orthogonality_penalty_grad(
         off_diagonal=off_diagonal,
         normalize=normalize,
         double_sided=double_sided,
+        normalize_eps=normalize_eps,
     )
     res = _forward(spec, phi_arr)
     scale = beta_arr.astype(res.total.dtype)
@@ -597,6 +634,7 @@ def orthogonality_error(
     precision: Any = DEFAULT_PRECISION,
     off_diagonal: bool = False,
     normalize: bool = False,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> jax.Array:
     r"""How far each group is from orthonormal, for logging and tests.
 
@@ -619,6 +657,7 @@ def orthogonality_error(
       off_diagonal: leave the diagonal out (only the inner products count).
       normalize: measure the unit-norm columns (cosines), as
         :func:`orthogonality_penalty` does with ``normalize=True``.
+      normalize_eps: the floor on the squared column norm under ``normalize``.
 
     Returns:
       An array over the group axes, in their order in ``phi`` (a scalar for a 2-D
@@ -646,6 +685,7 @@ def orthogonality_error(
         off_diagonal=check_flag("off_diagonal", off_diagonal),
         normalize=check_flag("normalize", normalize),
         double_sided=False,
+        normalize_eps=check_normalize_eps(normalize_eps),
     )
     acc = accumulation_dtype(phi_arr.dtype)
     g = _residual(spec, phi_arr, acc)

@@ -1,10 +1,13 @@
-r"""Entrywise norms and subgradient conventions.
+r"""Norms and subgradient conventions.
 
-The penalty applies an entrywise function :math:`f` to the Gram residual
-:math:`X = \Phi^\top\Phi - I` and sums. Its backward pass needs :math:`f'(X)`.
-This module turns the user's ``norm`` and ``subgradient`` options into one
-:class:`Rule`: a pair of pure ``jax.Array -> jax.Array`` functions, ``value`` and
-``derivative``, that the penalty applies to ``X``.
+The penalty applies a norm :math:`f` to each Gram residual
+:math:`X_i = \Phi_i^\top\Phi_i - I` and sums. Its backward pass needs the
+:math:`n \times n` derivative :math:`F_i = \partial f / \partial X_i`. This module turns
+the user's ``norm`` and ``subgradient`` options into one :class:`Rule`, whose
+``joint(x) -> (value, F)`` the penalty applies to ``x`` of shape
+``(groups..., n, n)``: for an entrywise norm (``"l1"``, ``"squared"``, :class:`huber`)
+``value`` is :math:`f` entry by entry, for a matrix norm (:class:`spectral`, ``"max"``,
+see :mod:`._matrix_norms`) one value per group; either way the total is its sum.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Literal, TypeAlias
 import jax
 import jax.numpy as jnp
 
+from ._matrix_norms import MaxRule, SpectralRule
+
 __all__ = [
     "SQUARED",
     "Norm",
@@ -25,6 +30,8 @@ __all__ = [
     "deadzone",
     "huber",
     "make_rule",
+    "spectral",
+    "subgradient_fn",
 ]
 
 
@@ -128,11 +135,114 @@ class huber:
         return jnp.clip(x / self.delta, -1.0, 1.0)
 
 
-Norm: TypeAlias = Literal["l1", "squared"] | huber
-"""The entrywise norm f applied to X = Phi_i^T Phi_i - I before summing.
+@dataclasses.dataclass(frozen=True)
+class spectral:
+    r"""The spectral norm of each Gram residual, exact or estimated (SRIP).
 
-``"l1"`` is |x| (with a kink at 0, see :data:`Subgradient`), ``"squared"`` is x**2
-(the Frobenius² "soft orthogonality" penalty), :class:`huber` is a smooth L1.
+    .. math::
+
+        f(X_i) = \lVert X_i \rVert_2 = \max_j |\lambda_j(X_i)|, \qquad
+        X_i = \Phi_i^\top\Phi_i - I, \qquad
+        \frac{\partial f}{\partial \Phi_i} = 2\, s\, \Phi_i v v^\top,
+
+    with :math:`X_i v = \lambda v`, :math:`|\lambda|` the largest and
+    :math:`s = \operatorname{sign}(\lambda)`. ``squared=True`` gives
+    :math:`\lVert X_i\rVert_2^2`, the SRIP penalty of Bansal, Chen and Wang (2018),
+    with gradient :math:`2\lambda \cdot 2\, \Phi_i v v^\top`. The backward pass is
+    still one matmul with :math:`\Phi_i`: the small matrix is :math:`F_i = s\,v v^\top`.
+    ``off_diagonal`` and ``normalize`` apply to :math:`X_i` before the norm
+    (``off_diagonal`` zeroes its diagonal).
+
+    **Exact** (``iterations=None``, the default): ``jnp.linalg.eigh`` of every
+    :math:`n \times n` :math:`X_i`, :math:`O(n^3)` per group on top of the Gram matrix's
+    :math:`O(l n^2)`; fine for the usual :math:`n \le` a few hundred.
+
+    **Ties and the kink.** Where the largest :math:`|\lambda|` is shared by :math:`k`
+    eigenvalues (a repeated eigenvalue, or :math:`\lambda` and :math:`-\lambda`), the
+    gradient uses the minimum-norm subgradient
+    :math:`F_i = \frac1k \sum_{j \in T} s(\lambda_j)\, v_j v_j^\top`. The solver splits
+    a repeated eigenvalue by rounding, so moduli within
+    :math:`4 n \epsilon \max_j|\lambda_j|` of the largest count as tied
+    (:math:`\epsilon` of the accumulation dtype). At :math:`X_i = 0` (exactly
+    orthonormal columns, for example a signed permutation) every eigenvalue is 0 and
+    :math:`s` is the ``subgradient`` convention's :math:`\operatorname{sign}(0)`:
+    ``"zero"`` (the default) gives :math:`F_i = 0`, so the gradient there is exactly 0;
+    ``"positive"`` gives :math:`I/n`; :class:`deadzone` ``(tol)`` gives 0 wherever
+    :math:`\lVert X_i\rVert_2 \le \mathrm{tol}`. ``squared=True`` is differentiable at
+    0 and ignores the convention.
+
+    **Estimated** (``iterations=k``): :math:`k` power iterations from the fixed start
+    vector :math:`b_j = \{j (\sqrt5 - 1)/2\}` (fractional parts, :math:`j = 1..n`; no
+    randomness), :math:`v_0 = b / \lVert b\rVert`,
+    :math:`v_{t+1} = X v_t / \lVert X v_t\rVert`, and the value
+    :math:`\lVert X v_k\rVert` (squared for ``squared=True``): :math:`O(k n^2)` per
+    group. It is an estimate from below, :math:`\le \lVert X_i\rVert_2`, and 0 if
+    :math:`b` happens to be orthogonal to every top eigenvector. Its gradient is the
+    exact gradient of the estimate (through the iterates, on the :math:`n \times n`
+    matrices), so value and gradient agree; the ``subgradient`` convention does not
+    apply (the gradient is 0 where the estimate is 0). ``spectral(squared=True,
+    iterations=1)`` is the SRIP authors' formula :math:`\lVert X (Xb / \lVert Xb\rVert)
+    \rVert^2`, with this :math:`b` in place of their fresh ``torch.rand`` draw.
+
+    Not combinable with ``double_sided=True``: :math:`\lVert \Phi\Phi^\top - I_l\rVert_2`
+    is :math:`\max(\lVert \Phi^\top\Phi - I_n\rVert_2, [l > n])`, which adds nothing
+    but a constant.
+
+    Args:
+      squared: penalise :math:`\lVert X_i\rVert_2^2` (SRIP) instead of
+        :math:`\lVert X_i\rVert_2`. A Python bool.
+      iterations: ``None`` for the exact norm, or the number ``k >= 1`` of power
+        iterations of the estimate. A Python int.
+
+    The instance is the norm, to pass as ``norm=``; ``norm="spectral"`` is
+    ``spectral()``. It is hashable and compared by value.
+
+    Raises:
+      TypeError: if ``squared`` is not a bool or ``iterations`` not an int or None.
+      ValueError: if ``iterations < 1``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_orthopenalty as jop
+      >>> phi = jnp.diag(jnp.array([2.0, 1.0, 0.5]))    # X = diag(3, 0, -0.75)
+      >>> jop.orthogonality_penalty(phi, norm=jop.spectral())
+      Array(3., dtype=float32)
+      >>> jop.orthogonality_penalty(phi, norm=jop.spectral(squared=True))   # SRIP
+      Array(9., dtype=float32)
+      >>> jop.orthogonality_penalty_grad(phi, norm="spectral")   # 2 s Phi v v^T, v = e_1
+      Array([[4., 0., 0.],
+             [0., 0., 0.],
+             [0., 0., 0.]], dtype=float32)
+      >>> jop.orthogonality_penalty_grad(jnp.eye(3), norm="spectral").max()  # X = 0
+      Array(0., dtype=float32)
+
+    References:
+      Bansal, Chen and Wang, *Can We Gain More from Orthogonality Regularizations in
+      Training Deep CNNs?*, NeurIPS 2018 (SRIP).
+    """
+
+    squared: bool = False
+    iterations: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.squared, bool):
+            raise TypeError(f"`squared` must be a Python bool, got {self.squared!r}.")
+        k = self.iterations
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise TypeError(f"`iterations` must be None or a Python int, got {k!r}.")
+            if k < 1:
+                raise ValueError(f"`iterations` must be >= 1 (or None for exact), got {k}.")
+
+
+Norm: TypeAlias = Literal["l1", "squared", "spectral", "max"] | huber | spectral
+"""The norm f applied to each X_i = Phi_i^T Phi_i - I; the penalty sums it over groups.
+
+Entrywise (summed over the entries too): ``"l1"`` is |x| (with a kink at 0, see
+:data:`Subgradient`), ``"squared"`` is x**2 (the Frobenius² "soft orthogonality"
+penalty), :class:`huber` is a smooth L1. Per matrix: ``"spectral"`` (= :class:`spectral`
+``()``) is the spectral norm ||X_i||_2 (``spectral(squared=True)``: SRIP), ``"max"`` is
+max_jk |X_i|_jk (mutual coherence with ``off_diagonal=True, normalize=True``).
 """
 
 Subgradient: TypeAlias = (
@@ -189,13 +299,53 @@ def _twice(x: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """An entrywise function and the derivative the backward pass uses.
+    """A norm and the derivative the backward pass uses, on ``x`` of shape ``(..., n, n)``.
 
-    Hashable and compared by value, so it can be a static argument.
+    Entrywise rules give ``value`` and ``derivative`` entry by entry; a matrix rule
+    (``per_group``) gives ``joint(x) -> (value, F)`` with one value per group (the
+    last two axes reduced) and ``F`` of ``x``'s shape. Either way the penalty sums
+    ``value`` and uses ``F`` in its one matmul. Hashable and compared by value, so it
+    can be a static argument.
     """
 
     value: Callable[[jax.Array], jax.Array]
     derivative: Callable[[jax.Array], jax.Array]
+    joint: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
+
+    @property
+    def per_group(self) -> bool:
+        """Whether ``value`` reduces each group's matrix to one number (a matrix norm)."""
+        return self.joint is not None
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(value, F)`` in one pass (one eigendecomposition for the spectral norm)."""
+        if self.joint is not None:
+            return self.joint(x)
+        return self.value(x), self.derivative(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _First:
+    """The value half of a ``joint``, as a hashable callable."""
+
+    joint: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.joint(x)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Second:
+    """The derivative half of a ``joint``, as a hashable callable."""
+
+    joint: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.joint(x)[1]
+
+
+def _matrix_rule(joint: Callable[[jax.Array], tuple[jax.Array, jax.Array]]) -> Rule:
+    return Rule(_First(joint), _Second(joint), joint)
 
 
 SQUARED = Rule(_square, _twice)
@@ -209,24 +359,32 @@ def make_rule(norm: Norm, subgradient: Subgradient) -> Rule:
       ValueError: for an unknown name.
       TypeError: for an option of the wrong kind.
     """
-    derivative = _subgradient_fn(subgradient)
+    derivative = subgradient_fn(subgradient)
     if isinstance(norm, huber):
         return Rule(norm.value, norm.derivative)
+    if isinstance(norm, spectral):
+        return _matrix_rule(SpectralRule(norm.squared, norm.iterations, derivative))
     if isinstance(norm, str):
         if norm == "l1":
             return Rule(jnp.abs, derivative)
         if norm == "squared":
             return SQUARED
-        raise ValueError(
-            f"`norm` must be 'l1', 'squared' or jax_orthopenalty.huber(delta), got {norm!r}."
-        )
-    raise TypeError(
-        f"`norm` must be 'l1', 'squared' or jax_orthopenalty.huber(delta), got {norm!r} "
-        f"of type {type(norm).__name__}."
-    )
+        if norm == "spectral":
+            return make_rule(spectral(), subgradient)
+        if norm == "max":
+            return _matrix_rule(MaxRule(derivative))
+        raise ValueError(f"`norm` must be {_NORMS}, got {norm!r}.")
+    raise TypeError(f"`norm` must be {_NORMS}, got {norm!r} of type {type(norm).__name__}.")
 
 
-def _subgradient_fn(subgradient: Subgradient) -> Callable[[jax.Array], jax.Array]:
+_NORMS = (
+    "'l1', 'squared', 'spectral', 'max', jax_orthopenalty.huber(delta) or "
+    "jax_orthopenalty.spectral(squared=..., iterations=...)"
+)
+
+
+def subgradient_fn(subgradient: Subgradient) -> Callable[[jax.Array], jax.Array]:
+    """Validates ``subgradient`` and returns the derivative of |x| it names."""
     if isinstance(subgradient, str):
         try:
             return _NAMED_SUBGRADIENTS[subgradient]

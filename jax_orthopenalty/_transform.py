@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from ._layout import DEFAULT_PRECISION, check_beta
+from ._layout import DEFAULT_PRECISION, NORMALIZE_EPS, check_beta
 from ._penalty import orthogonality_penalty, orthogonality_penalty_grad
 from ._rules import Norm, Subgradient
 
@@ -334,6 +334,7 @@ def add_orthogonality_penalty(
     off_diagonal: bool = False,
     normalize: bool = False,
     double_sided: bool = False,
+    normalize_eps: float | None = None,
 ) -> optax.GradientTransformation:
     r"""Adds the gradient of the orthogonality penalty to the updates.
 
@@ -406,13 +407,18 @@ def add_orthogonality_penalty(
         :class:`OrthoDims` or ``None`` is a tree even if it is callable (an
         ``equinox.Module`` built with ``jax.tree.map`` over the model's arrays);
         any other callable is called.
-      norm: the entrywise norm, ``"l1"``, ``"squared"`` or :func:`huber`.
-      subgradient: the kink convention of ``"l1"`` (see
-        :func:`orthogonality_penalty`); static.
+      norm: the norm: ``"l1"``, ``"squared"``, :func:`huber`, ``"spectral"``,
+        :func:`spectral` or ``"max"`` (see :func:`orthogonality_penalty`).
+      subgradient: the kink convention (see :func:`orthogonality_penalty`); static.
       precision: the matmul precision, ``HIGHEST`` by default.
       off_diagonal: leave the diagonal of :math:`\Phi_i^\top\Phi_i - I` out.
       normalize: penalise the cosines of unit-norm columns.
-      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term.
+      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term (entrywise norms).
+      normalize_eps: the floor on the squared column norm under ``normalize``: a
+        static Python float, ``1e-14`` for Keras 3; ``None`` (default) is ``1e-12``.
+        (``None`` rather than ``1e-12`` because ``optax.inject_hyperparams`` would
+        turn a float default into a traced hyperparameter; pass a float through it
+        only with ``static_args=("normalize_eps",)``.)
 
     Returns:
       An ``optax.GradientTransformation``, wrapped in ``optax.masked`` when ``mask``
@@ -497,6 +503,7 @@ def add_orthogonality_penalty(
         off_diagonal=off_diagonal,
         normalize=normalize,
         double_sided=double_sided,
+        normalize_eps=NORMALIZE_EPS if normalize_eps is None else normalize_eps,
     )
     # Trace the core once on a small probe, so that bad options raise here and
     # with the core's own messages, not at the first update.
@@ -544,6 +551,7 @@ def tree_orthogonality_penalty(
     off_diagonal: bool = False,
     normalize: bool = False,
     double_sided: bool = False,
+    normalize_eps: float = NORMALIZE_EPS,
 ) -> jax.Array:
     r"""The orthogonality penalty summed over the selected leaves of a pytree.
 
@@ -566,12 +574,14 @@ def tree_orthogonality_penalty(
         is the unscaled sum).
       mask: as in :func:`add_orthogonality_penalty`.
       dimension_numbers: as in :func:`add_orthogonality_penalty`.
-      norm: ``"l1"``, ``"squared"`` or :func:`huber`.
-      subgradient: the kink convention of ``"l1"``.
+      norm: ``"l1"``, ``"squared"``, :func:`huber`, ``"spectral"``, :func:`spectral`
+        or ``"max"``.
+      subgradient: the kink convention (see :func:`orthogonality_penalty`).
       precision: the matmul precision, ``HIGHEST`` by default.
       off_diagonal: leave the diagonal out.
       normalize: penalise the cosines of unit-norm columns.
-      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term.
+      double_sided: add the :math:`\Phi_i\Phi_i^\top - I` term (entrywise norms).
+      normalize_eps: the floor on the squared column norm under ``normalize``.
 
     Returns:
       A scalar: the sum of the leaves' penalties, in their promoted dtype; a
@@ -595,6 +605,7 @@ def tree_orthogonality_penalty(
         off_diagonal=off_diagonal,
         normalize=normalize,
         double_sided=double_sided,
+        normalize_eps=normalize_eps,
     )
     _, leaves = _select(_masked_view(params, mask), dimension_numbers)
     terms = [

@@ -63,6 +63,45 @@ def entrywise(norm: Any, subgradient: Any) -> tuple[Callable[..., Any], Callable
     return np.abs, sign_with({"zero": 0.0, "positive": 1.0, "negative": -1.0}[subgradient])
 
 
+def matrix_norm(norm: Any, at_zero: float = 0.0) -> Callable[[np.ndarray], tuple[float, Any]]:
+    """(f(X), dF/dX) for the matrix norms, away from ties, from their definitions.
+
+    spectral: ||X||_2 = max |eigenvalue| via eigvalsh/eigh, derivative s v v^T for the
+    top eigenpair (v v^T times 2 lambda when squared); max: max |X_jk|, derivative
+    sign(X_e) at the arg-max entry e. At X = 0 the derivative is ``at_zero`` times the
+    average over the tied set (every eigenvector / every entry).
+    """
+    squared = getattr(norm, "squared", False)
+    kind = "max" if norm == "max" else "spectral"
+
+    def fn(x: np.ndarray) -> tuple[float, Any]:
+        n = x.shape[0]
+        if kind == "max":
+            a = np.abs(x)
+            top = a.max()
+            if top == 0:
+                return 0.0, np.full_like(x, at_zero / x.size)
+            e = np.unravel_index(np.argmax(a), x.shape)
+            d = np.zeros_like(x)
+            d[e] = np.sign(x[e])
+            return float(top), d
+        lam, v = np.linalg.eigh(x)
+        j = int(np.argmax(np.abs(lam)))
+        top = abs(lam[j])
+        if top == 0:
+            return 0.0, np.eye(n) * (0.0 if squared else at_zero / n)
+        u = v[:, j]
+        if squared:
+            return float(top**2), 2 * lam[j] * np.outer(u, u)
+        return float(top), np.sign(lam[j]) * np.outer(u, u)
+
+    return fn
+
+
+def _is_matrix_norm(norm: Any) -> bool:
+    return norm in ("spectral", "max") or hasattr(norm, "iterations")
+
+
 def penalty_and_grad(
     phi: Any,
     beta: float = 1.0,
@@ -74,16 +113,23 @@ def penalty_and_grad(
     off_diagonal: bool = False,
     normalize: bool = False,
     double_sided: bool = False,
+    normalize_eps: float = EPS,
 ) -> tuple[float, np.ndarray]:
     """The value and the gradient (shaped like phi), in float64."""
-    f, df = entrywise(norm, subgradient)
+    if _is_matrix_norm(norm):
+        assert not double_sided
+        at_zero = {"zero": 0.0, "positive": 1.0, "negative": -1.0}[subgradient]
+        mat = matrix_norm(norm, at_zero)
+        f = df = None
+    else:
+        f, df = entrywise(norm, subgradient)
     flat, back = _canonical(np.asarray(phi), vector_axis, column_axis)
     value = 0.0
     grad = np.zeros_like(flat)
     for i, a in enumerate(flat):
         l, n = a.shape
         if normalize:
-            norms = np.sqrt(np.maximum((a * a).sum(axis=0), EPS))
+            norms = np.sqrt(np.maximum((a * a).sum(axis=0), normalize_eps))
             psi = a / norms
         else:
             psi = a
@@ -93,12 +139,17 @@ def penalty_and_grad(
         g_psi = np.zeros_like(a)
         for x, kind in terms:
             keep = 1 - np.eye(x.shape[0]) if off_diagonal else np.ones_like(x)
-            value += float((f(x) * keep).sum())
-            s = df(x) * keep
+            if f is None:
+                fx, s = mat(x * keep)
+                value += fx
+                s = s * keep
+            else:
+                value += float((f(x) * keep).sum())
+                s = df(x) * keep
             # d sum f(P^T P - I) / dP = P (S + S^T);  d sum f(P P^T - I) / dP = (S + S^T) P
             g_psi += psi @ (s + s.T) if kind == "cols" else (s + s.T) @ psi
         if normalize:
-            live = (a * a).sum(axis=0) > EPS
+            live = (a * a).sum(axis=0) > normalize_eps
             for j in range(n):
                 u = psi[:, j]
                 jac = np.eye(l) / norms[j]

@@ -1,6 +1,9 @@
 """Every entry point under every transformation a training step wraps around a loss.
 
-The matrix is entry point x transformation x kind of beta. Each entry point is turned
+The matrix is entry point x transformation x kind of beta. The entry points are the
+penalty (with the entrywise and the per-group matrix norms, and the family options),
+its closed-form gradient, the tree penalty, and the optax updates of
+add_orthogonality_penalty, landing and project_orthonormal (beta as landing's lam). Each entry point is turned
 into a scalar loss of one layer's ``phi`` (the value, or the output dotted with a fixed
 direction); each transformation computes the sum of that loss over a stack of layers
 in its own way (a Python loop under ``jax.jit``, ``jax.vmap``, ``lax.scan``, ...); and
@@ -73,6 +76,27 @@ def _update(phi: jax.Array, beta: Any) -> jax.Array:
     return jnp.vdot(updates["w"], _direction(phi)) + jnp.sum(updates["b"])
 
 
+def _matrix_norms(phi: jax.Array, beta: Any) -> jax.Array:
+    # The per-group norms: exact spectral (eigh), its power-iteration estimate
+    # (SRIP's squared form), and the max (mutual coherence with these options).
+    return (
+        jop.orthogonality_penalty(phi, beta, norm="spectral")
+        + jop.orthogonality_penalty(phi, beta, norm=jop.spectral(squared=True, iterations=3))
+        + jop.orthogonality_penalty(phi, beta, norm="max", off_diagonal=True, normalize=True)
+    )
+
+
+def _manifold(phi: jax.Array, beta: Any) -> jax.Array:
+    # landing with lam = beta, and project_orthonormal, on the same incoming updates.
+    params = {"w": phi}
+    incoming = {"w": _direction(phi)}
+    total = jnp.zeros((), phi.dtype)
+    for tx in (jop.landing(beta), jop.project_orthonormal()):
+        updates, _ = tx.update(incoming, tx.init(params), params)
+        total = total + jnp.vdot(updates["w"], _direction(phi))
+    return total
+
+
 def _direction(phi: jax.Array) -> jax.Array:
     # A direction that depends on phi's shape only, so every layer gets the same one.
     return jnp.cos(jnp.arange(phi.size, dtype=phi.dtype)).reshape(phi.shape)
@@ -84,6 +108,8 @@ ENTRY_POINTS: dict[str, Loss] = {
     "penalty_grad": _penalty_grad,
     "tree": _tree,
     "update": _update,
+    "matrix_norms": _matrix_norms,
+    "landing_project": _manifold,
 }
 
 
@@ -251,10 +277,15 @@ def _reference(entry: str, transform: str, beta_kind: str) -> tuple[jax.Array, A
         # The case is <grad, V>; its gradient is the Hessian times V (the Hessian is
         # symmetric), here by forward over reverse of the plain loss: the same second
         # derivative by another route (for the custom_vjp penalty, through its
-        # backward pass). Every entry point is linear in beta, so d/dbeta is value/beta.
-        value = jnp.vdot(jax.grad(plain)(PHI, beta), V)
+        # backward pass); d/dbeta by forward mode too.
+        def first(s: jax.Array, b: jax.Array) -> jax.Array:
+            return jnp.vdot(jax.grad(plain)(s, b), V)
+
+        value = first(PHI, beta)
         hv = jax.jvp(lambda s: jax.grad(plain)(s, beta), (PHI,), (V,))[1]
-        return value, ((hv, value / beta) if traced else hv)
+        if not traced:
+            return value, hv
+        return value, (hv, jax.jvp(lambda b: first(PHI, b), (beta,), (jnp.ones_like(beta),))[1])
     return jax.value_and_grad(plain, argnums=(0, 1) if traced else 0)(PHI, beta)
 
 

@@ -286,6 +286,12 @@ def test_benchmark_quick_runs(tmp_path: Path) -> None:
     assert bench.main(["--quick", "--only", "3,5", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["quick"] and len(report["results"]) == 2
+    assert report["matmul_reference"]["gflops"]["jnp.matmul"] > 0
     for result in report["results"]:
         assert result["max_relative_difference"] < 1e-4
+        assert result["vmap_max_relative_difference"] < 1e-4
         assert result["ratios"]["autodiff/grad"] > 0
+        for key in ("vmap/grad", "groups_first_vmap/groups_first", "groups_first/memory_floor"):
+            assert result["ratios"][key] > 0
+        double = result["memory"]["double_sided_temp_over_phi"]
+        assert set(double) == {"l1", "squared"}

@@ -45,6 +45,14 @@ statically, from the shapes, at trace time:
 ``"einsum"``
   The definition itself, for empty arrays.
 
+Under :func:`jax.vmap` each call is traced at its unbatched shape, where the batch is
+invisible to :func:`choose`. So :func:`gram` and :func:`apply` are
+:func:`jax.custom_batching.custom_vmap` functions whose rule moves the batch axis to
+the front of ``phi`` and makes it one more group axis: ``jax.vmap`` over any number of
+axes runs the formulation, and the code, of the direct call that has those axes as
+group axes. Their derivatives (a ``custom_jvp``: the bilinear product rule, in the
+same formulations) are plain JAX, so forward and reverse mode of any order work.
+
 The thresholds below were measured on a 2-core AVX-512 Xeon (a KVM guest) with
 ``benchmarks/bench_grad.py`` (see ``docs/performance.md``).
 """

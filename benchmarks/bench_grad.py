@@ -67,6 +67,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Benchmark the checkout this script lives in, not whichever copy is installed (a
+# script's own folder, not the working directory, heads sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import jax_orthopenalty as jop
 from jax_orthopenalty import _contract
 
@@ -369,6 +373,13 @@ def run_regime(
 # --------------------------------------------------------------------------- report
 
 
+def _package() -> str:
+    """Where the benchmarked package lives: this checkout's, or another copy."""
+    package = Path(jop.__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]
+    return str(package.relative_to(root)) if package.is_relative_to(root) else "another copy"
+
+
 def machine() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     try:
@@ -386,6 +397,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
+        "package": _package(),
         "devices": [str(d) for d in jax.devices()],
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

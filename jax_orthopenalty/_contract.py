@@ -273,7 +273,8 @@ def _fold(layout: Layout) -> Layout:
     )
 
 
-def _batched(x: jax.Array, size: int, batched: bool) -> jax.Array:
+def _with_batch(x: jax.Array, size: int, batched: bool) -> jax.Array:
+    """``x`` with a leading batch axis of ``size``: broadcast where vmap left it unbatched."""
     return x if batched else jnp.broadcast_to(x, (size, *x.shape))
 
 
@@ -427,7 +428,7 @@ def apply(layout: Layout, phi: jax.Array, m: jax.Array, *, precision: Any) -> ja
         size: int, in_batched: list[bool], p: jax.Array, w: jax.Array
     ) -> tuple[jax.Array, bool]:
         # An unbatched operand (phi, or M when only beta is batched) is broadcast.
-        p, w = _batched(p, size, in_batched[0]), _batched(w, size, in_batched[1])
+        p, w = _with_batch(p, size, in_batched[0]), _with_batch(w, size, in_batched[1])
         return apply(_fold(layout), p, w, precision=precision), True
 
     inner = custom_batching.custom_vmap(primal)

@@ -387,8 +387,9 @@ def _materialize(x: jax.Array) -> jax.Array:
     ``phi``, 16 times the work at ``(16, m, 4)``. ``lax.optimization_barrier`` does
     not stop that on CPU (it is expanded before fusion), a reduce is handed to a
     slow library kernel, and a one-trip loop is simplified away; a two-trip loop
-    copying the halves of ``x`` is a boundary that every backend keeps. It copies
-    ``m n^2`` numbers, exactly.
+    copying the halves of ``x`` is a boundary that every backend keeps. It costs two
+    copies of the ``m n^2`` numbers (into the loop's buffer, and the halves), and one
+    buffer of that size.
     """
     # Split along the last axis (a column axis of the small matrices): the group axes
     # may be sharded, and a dynamic slice of a sharded axis would gather it. Keeping
@@ -403,7 +404,9 @@ def _materialize(x: jax.Array) -> jax.Array:
         part = lax.dynamic_slice_in_dim(x, i * half, half, axis)
         return lax.dynamic_update_slice_in_dim(buf, part, i * half, axis)
 
-    out: jax.Array = lax.fori_loop(0, 2, copy_half, jnp.zeros_like(x))
+    # The buffer starts as x itself, not zeros: one small buffer fewer (a zeros init
+    # is shared between the loops and copied), and the same two copies.
+    out: jax.Array = lax.fori_loop(0, 2, copy_half, x)
     if size % 2:
         last = lax.slice_in_dim(x, size - 1, size, axis=axis)
         out = lax.dynamic_update_slice_in_dim(out, last, size - 1, axis)

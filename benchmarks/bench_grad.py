@@ -8,6 +8,16 @@ two forms,
 * ``transform``: ``jop.add_orthogonality_penalty(beta).update(zeros, state, params)``,
   jitted (when the package has the transform);
 
+in the other layouts and under ``jax.vmap``,
+
+* ``vmap``: ``jax.vmap`` over the group axis m (``in_axes=1``) of the gradient of one
+  ``(l, n)`` group, and likewise ``vmap_value`` (the penalty) and ``vmap_closed``
+  (:func:`jax_orthopenalty.orthogonality_penalty_grad`) against their direct calls
+  ``value`` and ``closed``;
+* ``groups_first``: the gradient of the same tensor stored groups-first, ``(m, l, n)``
+  with ``vector_axis=1, column_axis=2``, and ``groups_first_vmap``, ``jax.vmap`` over
+  its leading axis;
+
 against four references,
 
 * ``autodiff``: ``jax.grad`` of the plain ``beta * abs(einsum(...) - eye).sum()``;
@@ -22,7 +32,11 @@ against four references,
 The columns are interleaved: every repetition times each of them once, in an order
 that reverses on every other repetition, and the table reports medians. It also
 reports what XLA's compiled executable allocates beyond its arguments and outputs
-(``memory_analysis().temp_size_in_bytes``), in units of phi's size.
+(``memory_analysis().temp_size_in_bytes``), in units of phi's size, for the gradient
+single- and double-sided (``double_sided=True``) with ``norm="l1"`` and ``"squared"``;
+the GFLOP/s of the gradient and of PyTorch's (4 l m n^2 flops: the Gram and one
+product), and those of one large ``jnp.matmul`` (and ``torch.matmul``) on the same
+machine, for scale.
 
 Run from the repository root::
 
@@ -53,6 +67,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Benchmark the checkout this script lives in, not whichever copy is installed (a
+# script's own folder, not the working directory, heads sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import jax_orthopenalty as jop
 from jax_orthopenalty import _contract
 
@@ -67,6 +85,7 @@ REGIMES: list[tuple[int, int, int]] = [
 ]
 BETA = 0.5
 HIGHEST = jax.lax.Precision.HIGHEST
+MATMUL_SIZE = 2048  # the reference matmul: (2048, 2048) @ (2048, 2048), float32
 
 # PyTorch's OpenMP threads spin-wait between ops by default, and XLA's thread pool
 # does too: in one process the two fight over the cores, and PyTorch's calls take
@@ -150,6 +169,44 @@ def _temp_bytes(fn: Any, *args: Any) -> int | None:
         return None
 
 
+def _double_sided_temp(phi: jax.Array) -> dict[str, dict[str, float | None]]:
+    """Compiled temporary memory of the gradient, single- and double-sided, over phi."""
+    out: dict[str, dict[str, float | None]] = {}
+    for norm in ("l1", "squared"):
+        out[norm] = {}
+        for name, double in (("single", False), ("double", True)):
+            fn = jax.jit(
+                jax.grad(
+                    lambda p, norm=norm, double=double: jop.orthogonality_penalty(
+                        p, BETA, norm=norm, double_sided=double
+                    )
+                )
+            )
+            temp = _temp_bytes(fn, phi)
+            out[norm][name] = None if temp is None else temp / phi.nbytes
+    return out
+
+
+def matmul_reference(reps: int, target_s: float, size: int = MATMUL_SIZE) -> dict[str, Any]:
+    """GFLOP/s of one large float32 matmul: ``jnp.matmul`` (and ``torch.matmul``)."""
+    rng = np.random.default_rng(1)
+    a_np = rng.standard_normal((size, size)).astype(np.float32)
+    b_np = rng.standard_normal((size, size)).astype(np.float32)
+    a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=HIGHEST))
+    columns: dict[str, Callable[[], Any]] = {"jnp.matmul": lambda: mm(a, b)}
+    if torch is not None:
+        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        columns["torch.matmul"] = lambda: torch.matmul(ta, tb)
+    times = measure(columns, reps, target_s)
+    flops = 2 * size**3
+    return {
+        "shape": [size, size, size],
+        "times": times,
+        "gflops": {k: flops / v["median_s"] / 1e9 for k, v in times.items()},
+    }
+
+
 def _torch_grad(phi_np: np.ndarray) -> Callable[[], Any] | None:
     if torch is None:
         return None
@@ -183,12 +240,35 @@ def run_regime(
     memory = jax.jit(lambda p: p * 2)
     w = jnp.sign(gram(phi) - jnp.eye(n, dtype=phi.dtype)[None])
 
+    # vmap over the groups, and the groups-first layout (m, l, n).
+    value = jax.jit(lambda p: jop.orthogonality_penalty(p, BETA))
+    closed = jax.jit(lambda p: jop.orthogonality_penalty_grad(p, BETA))
+    one_grad = jax.grad(lambda p: jop.orthogonality_penalty(p, BETA))
+    vmap_grad = jax.jit(jax.vmap(one_grad, in_axes=1, out_axes=1))
+    vmap_value = jax.jit(jax.vmap(lambda p: jop.orthogonality_penalty(p, BETA), in_axes=1))
+    vmap_closed = jax.jit(
+        jax.vmap(lambda p: jop.orthogonality_penalty_grad(p, BETA), in_axes=1, out_axes=1)
+    )
+    first_np = np.ascontiguousarray(np.transpose(phi_np, (1, 0, 2)))
+    first = jnp.asarray(first_np)
+    first_grad = jax.jit(
+        jax.grad(lambda p: jop.orthogonality_penalty(p, BETA, vector_axis=1, column_axis=2))
+    )
+    first_vmap = jax.jit(jax.vmap(one_grad))
+
     columns: dict[str, Callable[[], Any]] = {
         "grad": lambda: grad(phi),
         "autodiff": lambda: autodiff(phi),
         "gram": lambda: gram(phi),
         "product": lambda: product(phi, w),
         "memory": lambda: memory(phi),
+        "vmap": lambda: vmap_grad(phi),
+        "value": lambda: value(phi),
+        "vmap_value": lambda: vmap_value(phi),
+        "closed": lambda: closed(phi),
+        "vmap_closed": lambda: vmap_closed(phi),
+        "groups_first": lambda: first_grad(first),
+        "groups_first_vmap": lambda: first_vmap(first),
     }
     notes: dict[str, str] = {}
     transform = None
@@ -218,6 +298,16 @@ def run_regime(
     if torch_grad is not None:
         g_torch = torch_grad().numpy()
         mismatch = max(mismatch, float(np.abs(g_torch - g_auto).max()) / scale)
+    # vmap and the groups-first layout: the same gradient up to the order of summation.
+    vmap_mismatch = (
+        max(
+            float(np.abs(np.asarray(vmap_grad(phi)) - g_ours).max()),
+            float(np.abs(np.asarray(vmap_closed(phi)) - g_ours).max()),
+            float(np.abs(np.transpose(np.asarray(first_grad(first)), (1, 0, 2)) - g_ours).max()),
+            float(np.abs(np.transpose(np.asarray(first_vmap(first)), (1, 0, 2)) - g_ours).max()),
+        )
+        / scale
+    )
 
     times = measure(columns, reps, target_s)
     t = {name: v["median_s"] for name, v in times.items()}
@@ -232,6 +322,18 @@ def run_regime(
         ratios["transform/grad"] = t["transform"] / t["grad"]
     if "torch" in t:
         ratios["torch/grad"] = t["torch"] / t["grad"]
+    ratios["vmap/grad"] = t["vmap"] / t["grad"]
+    ratios["vmap_value/value"] = t["vmap_value"] / t["value"]
+    ratios["vmap_closed/closed"] = t["vmap_closed"] / t["closed"]
+    ratios["groups_first_vmap/groups_first"] = t["groups_first_vmap"] / t["groups_first"]
+    ratios["groups_first/grad"] = t["groups_first"] / t["grad"]
+    ratios["vmap/memory_floor"] = t["vmap"] / t["memory"]
+    ratios["groups_first/memory_floor"] = t["groups_first"] / t["memory"]
+    ratios["groups_first_vmap/memory_floor"] = t["groups_first_vmap"] / t["memory"]
+    flops = 4 * l * m * n * n  # the Gram (2 l m n^2) and one product (2 l m n^2)
+    gflops = {"grad": flops / t["grad"] / 1e9}
+    if "torch" in t:
+        gflops["torch"] = flops / t["torch"] / 1e9
 
     layout = jop._layout.make_layout(3, 0, -1)
     phi_bytes = phi.nbytes
@@ -250,6 +352,7 @@ def run_regime(
             memory_report[f"{key}_temp_over_phi"] = temp / phi_bytes
             # The budget: one phi-sized buffer beyond the output, plus the Gram.
             memory_report[f"{key}_within_budget"] = temp <= phi_bytes + gram_bytes
+    memory_report["double_sided_temp_over_phi"] = _double_sided_temp(phi)
     return {
         "shape": list(shape),
         "formulation": {
@@ -257,6 +360,8 @@ def run_regime(
             for which in ("gram", "apply")
         },
         "max_relative_difference": mismatch,
+        "vmap_max_relative_difference": vmap_mismatch,
+        "gflops": gflops,
         "times": times,
         "matmul_floor_s": t["matmul_floor"],
         "ratios": ratios,
@@ -266,6 +371,13 @@ def run_regime(
 
 
 # --------------------------------------------------------------------------- report
+
+
+def _package() -> str:
+    """Where the benchmarked package lives: this checkout's, or another copy."""
+    package = Path(jop.__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]
+    return str(package.relative_to(root)) if package.is_relative_to(root) else "another copy"
 
 
 def machine() -> dict[str, Any]:
@@ -285,6 +397,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
+        "package": _package(),
         "devices": [str(d) for d in jax.devices()],
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -297,7 +410,8 @@ def machine() -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         f"{'(l, m, n)':>18} {'gram/apply':>18} {'grad ms':>9} {'auto/grad':>9} "
-        f"{'grad/mm':>8} {'grad/mem':>8} {'torch/grad':>10} {'tx/grad':>8} {'temp/phi':>8}"
+        f"{'grad/mm':>8} {'grad/mem':>8} {'torch/grad':>10} {'tx/grad':>8} {'temp/phi':>8} "
+        f"{'vmap/grad':>9} {'gf/mem':>7} {'gfvmap/gf':>9}"
     )
     lines = [head, "-" * len(head)]
     nan = float("nan")
@@ -310,7 +424,8 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['times']['grad']['median_s'] * 1e3:9.3f} {q['autodiff/grad']:9.2f} "
             f"{q['grad/matmul_floor']:8.2f} {q['grad/memory_floor']:8.1f} "
             f"{q.get('torch/grad', nan):10.2f} {q.get('transform/grad', nan):8.2f} "
-            f"{nan if temp is None else temp:8.2f}"
+            f"{nan if temp is None else temp:8.2f} {q['vmap/grad']:9.2f} "
+            f"{q['groups_first/memory_floor']:7.1f} {q['groups_first_vmap/groups_first']:9.2f}"
         )
     speedups = [r["ratios"]["autodiff/grad"] for r in results]
     lines.append("-" * len(head))
@@ -321,8 +436,13 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
-    """The tables of docs/performance.md: ratios, then milliseconds and memory."""
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None or math.isnan(x) else format(x, spec)
+
+
+def markdown(results: list[dict[str, Any]], reference: dict[str, Any] | None = None) -> str:
+    """The tables of docs/performance.md: ratios, milliseconds and memory, vmap and
+    layouts, GFLOP/s, double-sided memory."""
     nan = float("nan")
     rows = [
         "| (l, m, n) | Gram / product | autodiff / grad | grad / matmul floor "
@@ -361,6 +481,52 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"| {ms(r, 'torch')} | {mem.get('grad_temp_over_phi', nan):.2f} "
             f"| {mem.get('autodiff_temp_over_phi', nan):.2f} | {budget:.2f} |"
         )
+    rows += [
+        "",
+        "| (l, m, n) | grad ms | vmap / grad | vmap / direct: value | vmap / direct: "
+        "closed form | groups-first ms | groups-first vmap / direct | grad / memory floor "
+        "| vmap / memory floor | groups-first / memory floor |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        q = r["ratios"]
+        rows.append(
+            f"| {tuple(r['shape'])} | {ms(r, 'grad')} | {q['vmap/grad']:.2f} "
+            f"| {q['vmap_value/value']:.2f} | {q['vmap_closed/closed']:.2f} "
+            f"| {ms(r, 'groups_first')} | {q['groups_first_vmap/groups_first']:.2f} "
+            f"| {q['grad/memory_floor']:.1f} | {q['vmap/memory_floor']:.1f} "
+            f"| {q['groups_first/memory_floor']:.1f} |"
+        )
+    rows += [
+        "",
+        "| (l, m, n) | grad GFLOP/s | torch GFLOP/s |",
+        "|---|--:|--:|",
+    ]
+    for r in results:
+        g = r.get("gflops", {})
+        rows.append(
+            f"| {tuple(r['shape'])} | {_fmt(g.get('grad'), '.0f')} "
+            f"| {_fmt(g.get('torch'), '.0f')} |"
+        )
+    if reference is not None:
+        size = reference["shape"][0]
+        rows.append(
+            f"\nOne ({size}, {size}) @ ({size}, {size}) float32 matmul on the same machine: "
+            + ", ".join(f"`{k}` {v:.0f} GFLOP/s" for k, v in reference["gflops"].items())
+            + ".\n"
+        )
+    rows += [
+        "| (l, m, n) | l1 | l1 double-sided | squared | squared double-sided |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        ds = r["memory"].get("double_sided_temp_over_phi", {})
+        cells = [
+            _fmt(ds.get(norm, {}).get(side), ".2f")
+            for norm in ("l1", "squared")
+            for side in ("single", "double")
+        ]
+        rows.append(f"| {tuple(r['shape'])} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -394,9 +560,14 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_regime(shape, reps, target))
         print(f"done {shape}", file=sys.stderr, flush=True)
 
+    reference = matmul_reference(1 if args.quick else 7, 0.0 if args.quick else 0.05)
     print(table(results))
+    print(
+        "one large matmul, GFLOP/s: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in reference["gflops"].items())
+    )
     if args.markdown:
-        print(markdown(results))
+        print(markdown(results, reference))
     for r in results:
         for note in r["notes"].values():
             print(f"{tuple(r['shape'])}: {note}")
@@ -405,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": args.quick,
         "beta": BETA,
+        "matmul_reference": reference,
         "results": results,
     }
     report["machine"]["date_utc"] = started

@@ -45,6 +45,14 @@ statically, from the shapes, at trace time:
 ``"einsum"``
   The definition itself, for empty arrays.
 
+Under :func:`jax.vmap` each call is traced at its unbatched shape, where the batch is
+invisible to :func:`choose`. So :func:`gram` and :func:`apply` are
+:func:`jax.custom_batching.custom_vmap` functions whose rule moves the batch axis to
+the front of ``phi`` and makes it one more group axis: ``jax.vmap`` over any number of
+axes runs the formulation, and the code, of the direct call that has those axes as
+group axes. Their derivatives (a ``custom_jvp``: the bilinear product rule, in the
+same formulations) are plain JAX, so forward and reverse mode of any order work.
+
 The thresholds below were measured on a 2-core AVX-512 Xeon (a KVM guest) with
 ``benchmarks/bench_grad.py`` (see ``docs/performance.md``).
 """
@@ -58,7 +66,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax import custom_batching, lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ._layout import Layout
@@ -244,6 +252,32 @@ def group_out_sharding(layout: Layout, x: jax.Array, trailing: int) -> NamedShar
     return NamedSharding(sharding.mesh, out)
 
 
+# --------------------------------------------------------------------------- vmap
+#
+# Under jax.vmap a function is traced at its unbatched shape, so `choose` would see
+# the groups of one call only (often m = 1) and pick the dot, which vmap then turns
+# into one tiny matmul per batch element. `gram` and `apply` are custom_vmap
+# functions instead: their batching rule moves vmap's axis to the front of phi and
+# makes it one more group axis, so a vmapped call runs exactly the formulation, and
+# the code, of the direct call with the batch as groups. custom_vmap has no
+# transpose, so each is wrapped in a custom_jvp whose tangent is the bilinear
+# product rule written with the same (unwrapped) formulations: forward mode,
+# linearize and reverse mode (grad of the closed-form gradient) then go through
+# plain JAX, and only the primal goes through custom_vmap.
+
+
+def _fold(layout: Layout) -> Layout:
+    """The layout of ``phi`` with vmap's batch axis in front, as one more group axis."""
+    return Layout(
+        layout.ndim + 1, tuple(a + 1 for a in layout.vector_axes), layout.column_axis + 1
+    )
+
+
+def _with_batch(x: jax.Array, size: int, batched: bool) -> jax.Array:
+    """``x`` with a leading batch axis of ``size``: broadcast where vmap left it unbatched."""
+    return x if batched else jnp.broadcast_to(x, (size, *x.shape))
+
+
 # --------------------------------------------------------------------------- gram
 
 
@@ -251,36 +285,62 @@ def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Arr
     r"""The Gram matrices :math:`\Phi_i^\top\Phi_i`, ``(groups..., n, n)``, in ``acc``.
 
     Equal to ``jnp.einsum(layout.gram_subscripts, phi, phi, precision=precision,
-    preferred_element_type=acc)`` up to the order of summation.
+    preferred_element_type=acc)`` up to the order of summation. Under :func:`jax.vmap`
+    the batch axis becomes a group axis (see above).
     """
-    explicit = explicit_sharding(phi) is not None
-    how = (
-        "einsum"
-        if phi.size == 0 or explicit
-        else choose(layout, phi.shape, acc, precision, "gram")
-    )
+
+    def primal(p: jax.Array) -> jax.Array:
+        return _gram(layout, p, p, precision, acc)
+
+    def vmap_rule(size: int, in_batched: list[bool], p: jax.Array) -> tuple[jax.Array, bool]:
+        # custom_vmap calls this only when p is batched, with the batch axis in front.
+        return gram(_fold(layout), p, precision=precision, acc=acc), True
+
+    inner = custom_batching.custom_vmap(primal)
+    inner.def_vmap(vmap_rule)
+
+    def jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+        # d(P^T P) = P^T dP + (P^T dP)^T: exactly symmetric, as C is.
+        (p,), (dp,) = primals, tangents
+        y = _gram(layout, p, dp, precision, acc)
+        return inner(p), y + jnp.swapaxes(y, -1, -2)
+
+    outer = jax.custom_jvp(inner)
+    outer.defjvp(jvp)
+    out: jax.Array = outer(phi)
+    return out
+
+
+def _gram(layout: Layout, x: jax.Array, y: jax.Array, precision: Any, acc: Any) -> jax.Array:
+    """``x_i^T y_i`` for every group, ``(groups..., n, n)``, in the chosen formulation."""
+    explicit = explicit_sharding(x) is not None
+    how = "einsum" if x.size == 0 or explicit else choose(layout, x.shape, acc, precision, "gram")
     if how == "unrolled":
-        return _gram_unrolled(layout, phi, acc)
-    if how == "batched":
-        return _gram_batched(layout, phi, precision, acc)
-    if how == "halves":
-        return _gram_halves(layout, phi, precision, acc)
+        return _gram_unrolled(layout, x, y, acc)
+    if how == "halves" and x is y:
+        return _gram_halves(layout, x, precision, acc)
+    if how in ("batched", "halves"):
+        return _gram_batched(layout, x, y, precision, acc)
     return jnp.einsum(
         layout.gram_subscripts,
-        phi,
-        phi,
+        x,
+        y,
         precision=precision,
         preferred_element_type=acc,
-        out_sharding=group_out_sharding(layout, phi, 2),
+        out_sharding=group_out_sharding(layout, x, 2),
     )
 
 
-def _gram_batched(layout: Layout, phi: jax.Array, precision: Any, acc: Any) -> jax.Array:
-    if _use_nt(layout, phi.shape):
-        t = _columns_first(layout, phi)
-        return _gram_dot_nt(layout, t, t, precision, acc)
-    t = _batch_first(layout, phi)
-    return _gram_dot(layout, t, t, precision, acc)
+def _gram_batched(
+    layout: Layout, x: jax.Array, y: jax.Array, precision: Any, acc: Any
+) -> jax.Array:
+    if _use_nt(layout, x.shape):
+        tx = _columns_first(layout, x)
+        ty = tx if y is x else _columns_first(layout, y)
+        return _gram_dot_nt(layout, tx, ty, precision, acc)
+    tx = _batch_first(layout, x)
+    ty = tx if y is x else _batch_first(layout, y)
+    return _gram_dot(layout, tx, ty, precision, acc)
 
 
 def _gram_halves(layout: Layout, phi: jax.Array, precision: Any, acc: Any) -> jax.Array:
@@ -300,20 +360,22 @@ def _gram_halves(layout: Layout, phi: jax.Array, precision: Any, acc: Any) -> ja
     )
 
 
-def _gram_unrolled(layout: Layout, phi: jax.Array, acc: Any) -> jax.Array:
+def _gram_unrolled(layout: Layout, x: jax.Array, y: jax.Array, acc: Any) -> jax.Array:
     # Vectors first, columns last; the transpose and the row slices fuse into the
     # one loop that sums the outer products of the rows.
-    x = jnp.transpose(phi, (*layout.vector_axes, *layout.group_axes, layout.column_axis))
-    x = x.astype(acc)
-    rows = np.ndindex(*x.shape[: len(layout.vector_axes)])
-    total = _outer(x[next(rows)])
+    perm = (*layout.vector_axes, *layout.group_axes, layout.column_axis)
+    tx = jnp.transpose(x, perm).astype(acc)
+    ty = tx if y is x else jnp.transpose(y, perm).astype(acc)
+    rows = np.ndindex(*tx.shape[: len(layout.vector_axes)])
+    first = next(rows)
+    total = _outer(tx[first], ty[first])
     for index in rows:
-        total = total + _outer(x[index])
+        total = total + _outer(tx[index], ty[index])
     return _materialize(total)
 
 
-def _outer(row: jax.Array) -> jax.Array:
-    return row[..., :, None] * row[..., None, :]
+def _outer(a: jax.Array, b: jax.Array) -> jax.Array:
+    return a[..., :, None] * b[..., None, :]
 
 
 def _materialize(x: jax.Array) -> jax.Array:
@@ -325,8 +387,9 @@ def _materialize(x: jax.Array) -> jax.Array:
     ``phi``, 16 times the work at ``(16, m, 4)``. ``lax.optimization_barrier`` does
     not stop that on CPU (it is expanded before fusion), a reduce is handed to a
     slow library kernel, and a one-trip loop is simplified away; a two-trip loop
-    copying the halves of ``x`` is a boundary that every backend keeps. It copies
-    ``m n^2`` numbers, exactly.
+    copying the halves of ``x`` is a boundary that every backend keeps. It costs two
+    copies of the ``m n^2`` numbers (into the loop's buffer, and the halves), and one
+    buffer of that size.
     """
     # Split along the last axis (a column axis of the small matrices): the group axes
     # may be sharded, and a dynamic slice of a sharded axis would gather it. Keeping
@@ -341,7 +404,9 @@ def _materialize(x: jax.Array) -> jax.Array:
         part = lax.dynamic_slice_in_dim(x, i * half, half, axis)
         return lax.dynamic_update_slice_in_dim(buf, part, i * half, axis)
 
-    out: jax.Array = lax.fori_loop(0, 2, copy_half, jnp.zeros_like(x))
+    # The buffer starts as x itself, not zeros: one small buffer fewer (a zeros init
+    # is shared between the loops and copied), and the same two copies.
+    out: jax.Array = lax.fori_loop(0, 2, copy_half, x)
     if size % 2:
         last = lax.slice_in_dim(x, size - 1, size, axis=axis)
         out = lax.dynamic_update_slice_in_dim(out, last, size - 1, axis)
@@ -356,7 +421,37 @@ def apply(layout: Layout, phi: jax.Array, m: jax.Array, *, precision: Any) -> ja
 
     Equal to ``jnp.einsum(layout.apply_subscripts, phi.astype(m.dtype), m,
     precision=precision, preferred_element_type=m.dtype)`` up to the order of summation.
+    Under :func:`jax.vmap` the batch axis becomes a group axis (see above).
     """
+
+    def primal(p: jax.Array, w: jax.Array) -> jax.Array:
+        return _apply(layout, p, w, precision)
+
+    def vmap_rule(
+        size: int, in_batched: list[bool], p: jax.Array, w: jax.Array
+    ) -> tuple[jax.Array, bool]:
+        # An unbatched operand (phi, or M when only beta is batched) is broadcast.
+        p, w = _with_batch(p, size, in_batched[0]), _with_batch(w, size, in_batched[1])
+        return apply(_fold(layout), p, w, precision=precision), True
+
+    inner = custom_batching.custom_vmap(primal)
+    inner.def_vmap(vmap_rule)
+
+    def jvp(
+        primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+    ) -> tuple[jax.Array, jax.Array]:
+        # Bilinear: d(P M) = dP M + P dM.
+        (p, w), (dp, dw) = primals, tangents
+        return inner(p, w), _apply(layout, dp, w, precision) + _apply(layout, p, dw, precision)
+
+    outer = jax.custom_jvp(inner)
+    outer.defjvp(jvp)
+    out: jax.Array = outer(phi, m)
+    return out
+
+
+def _apply(layout: Layout, phi: jax.Array, m: jax.Array, precision: Any) -> jax.Array:
+    """``phi_i m_i`` for every group in the chosen formulation, in ``m``'s dtype."""
     explicit = explicit_sharding(phi)
     if phi.size == 0 or explicit is not None:
         how: Formulation = "einsum"

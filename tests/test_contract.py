@@ -87,6 +87,63 @@ def test_gram_and_apply_equal_the_einsum(
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", FORMULATIONS)
+@pytest.mark.parametrize(
+    ("shape", "vector_axis", "column_axis"),
+    [
+        pytest.param((6, 5, 3), 0, -1, id="seed-l-m-n"),
+        pytest.param((4, 3, 2, 5), (0, 2), 3, id="tuple-vectors"),
+    ],
+)
+def test_derivatives_and_vmap_of_the_contractions(
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+    shape: tuple[int, ...],
+    vector_axis: Any,
+    column_axis: int,
+) -> None:
+    # The custom_jvp tangents (two-operand forms of every formulation), their
+    # transposes (vjp), and the custom_vmap rule (batch folded into the groups), each
+    # against the plain einsum.
+    monkeypatch.setattr(_contract, "choose", _forced(how))
+    layout = make_layout(len(shape), vector_axis, column_axis)
+
+    def gram(p: jax.Array) -> jax.Array:
+        return _contract.gram(layout, p, precision=HIGHEST, acc=p.dtype)
+
+    def gram_ref(p: jax.Array) -> jax.Array:
+        return jnp.einsum(layout.gram_subscripts, p, p, precision=HIGHEST)
+
+    def apply(p: jax.Array, w: jax.Array) -> jax.Array:
+        return _contract.apply(layout, p, w, precision=HIGHEST)
+
+    def apply_ref(p: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.einsum(layout.apply_subscripts, p, w, precision=HIGHEST)
+
+    with jax.enable_x64(True):
+        phi, dphi = jnp.asarray(_phi(shape, 1)), jnp.asarray(_phi(shape, 2))
+        c = gram_ref(phi)
+        m, dm = jnp.asarray(_phi(c.shape, 3)), jnp.asarray(_phi(c.shape, 4))
+        pairs = [
+            (jax.jvp(gram, (phi,), (dphi,)), jax.jvp(gram_ref, (phi,), (dphi,))),
+            (jax.jvp(apply, (phi, m), (dphi, dm)), jax.jvp(apply_ref, (phi, m), (dphi, dm))),
+            (jax.vjp(gram, phi)[1](m), jax.vjp(gram_ref, phi)[1](m)),
+            (jax.vjp(apply, phi, m)[1](dphi), jax.vjp(apply_ref, phi, m)[1](dphi)),
+        ]
+        # vmap over a new leading axis, with either operand of the product unbatched.
+        batch, mbatch = jnp.stack([phi, dphi]), jnp.stack([m, dm])
+        pairs += [
+            (jax.vmap(gram)(batch), jax.vmap(gram_ref)(batch)),
+            (jax.vmap(apply)(batch, mbatch), jax.vmap(apply_ref)(batch, mbatch)),
+            (jax.vmap(apply, (0, None))(batch, m), jax.vmap(apply_ref, (0, None))(batch, m)),
+            (jax.vmap(apply, (None, 0))(phi, mbatch), jax.vmap(apply_ref, (None, 0))(phi, mbatch)),
+        ]
+        for got, want in pairs:
+            jax.tree.map(
+                lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12), got, want
+            )
+
+
 @pytest.mark.parametrize(
     ("shape", "vector_axis", "column_axis"),
     [
@@ -286,6 +343,12 @@ def test_benchmark_quick_runs(tmp_path: Path) -> None:
     assert bench.main(["--quick", "--only", "3,5", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["quick"] and len(report["results"]) == 2
+    assert report["matmul_reference"]["gflops"]["jnp.matmul"] > 0
     for result in report["results"]:
         assert result["max_relative_difference"] < 1e-4
+        assert result["vmap_max_relative_difference"] < 1e-4
         assert result["ratios"]["autodiff/grad"] > 0
+        for key in ("vmap/grad", "groups_first_vmap/groups_first", "groups_first/memory_floor"):
+            assert result["ratios"][key] > 0
+        double = result["memory"]["double_sided_temp_over_phi"]
+        assert set(double) == {"l1", "squared"}

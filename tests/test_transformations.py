@@ -3,12 +3,13 @@
 The matrix is entry point x transformation x kind of beta. The entry points are the
 penalty (with the entrywise and the per-group matrix norms, and the family options),
 its closed-form gradient, the tree penalty, and the optax updates of
-add_orthogonality_penalty, landing and project_orthonormal (beta as landing's lam). Each entry point is turned
-into a scalar loss of one layer's ``phi`` (the value, or the output dotted with a fixed
-direction); each transformation computes the sum of that loss over a stack of layers
-in its own way (a Python loop under ``jax.jit``, ``jax.vmap``, ``lax.scan``, ...); and
-each case is compared with the plain, untransformed loss and its gradient: with
-respect to the layers, and with respect to beta where beta is traced.
+add_orthogonality_penalty, landing and project_orthonormal (beta as landing's lam).
+Each entry point is turned into a scalar loss of one layer's ``phi`` (the value, or the
+output dotted with a fixed direction); each transformation computes the sum of that
+loss over a stack of layers in its own way (a Python loop under ``jax.jit``,
+``jax.vmap``, ``lax.scan``, ...); and each case is compared with the plain,
+untransformed loss and its gradient: with respect to the layers, and with respect to
+beta where beta is traced.
 
 jax's own tests of custom rules take the same shape: a backward rule gets its
 residuals after remat, scan or shard_map have rewritten them (a Python float may come

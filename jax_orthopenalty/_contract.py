@@ -302,8 +302,10 @@ def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Arr
     def jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
         # d(P^T P) = P^T dP + (P^T dP)^T: exactly symmetric, as C is.
         (p,), (dp,) = primals, tangents
+        # The primal through `outer`, not `inner`: at the next order of
+        # differentiation it is this rule again, never custom_vmap, which has none.
         y = _gram(layout, p, dp, precision, acc)
-        return inner(p), y + jnp.swapaxes(y, -1, -2)
+        return outer(p), y + jnp.swapaxes(y, -1, -2)
 
     outer = jax.custom_jvp(inner)
     outer.defjvp(jvp)
@@ -442,7 +444,8 @@ def apply(layout: Layout, phi: jax.Array, m: jax.Array, *, precision: Any) -> ja
     ) -> tuple[jax.Array, jax.Array]:
         # Bilinear: d(P M) = dP M + P dM.
         (p, w), (dp, dw) = primals, tangents
-        return inner(p, w), _apply(layout, dp, w, precision) + _apply(layout, p, dw, precision)
+        tangent = _apply(layout, dp, w, precision) + _apply(layout, p, dw, precision)
+        return outer(p, w), tangent  # `outer`: see gram's rule
 
     outer = jax.custom_jvp(inner)
     outer.defjvp(jvp)

@@ -399,7 +399,7 @@ def machine() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "package": _package(),
         "devices": [str(d) for d in jax.devices()],
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if torch is not None:
         info["torch"] = torch.__version__
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     args = parser.parse_args(argv)
 
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     regimes = REGIMES
     if args.only:

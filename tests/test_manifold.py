@@ -9,11 +9,7 @@ script: the sharding test runs it in a subprocess with 8 host devices, as
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,7 @@ import jax_orthopenalty as jop
 from jax_orthopenalty import OrthoDims
 
 import reference as ref
+from host_devices import print_records, run_as_script
 
 # --------------------------------------------------------------------------- reference
 
@@ -617,32 +614,11 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess
                 "collectives": re.findall(pattern, hlo),
                 "specs": {k: str(got[k].sharding.spec) for k in ("w", "conv")},
             }
-    print("RECORDS " + json.dumps(records))
+    print_records(records)
 
 
 def test_group_sharded_params_need_no_gather() -> None:
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_ENABLE_X64": "0",
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(root), str(root / "tests"), os.environ.get("PYTHONPATH")])
-        ),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RECORDS "))
-    records = json.loads(line.removeprefix("RECORDS "))
+    records = run_as_script(__file__)
     assert len(records) == 4
     for name, rec in records.items():
         assert rec["err"] < 1e-5, (name, rec)

@@ -14,16 +14,13 @@ the output's sharding, and lists the collectives in the compiled HLO
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+
+from host_devices import print_records, run_as_script
 
 N_DEVICES = 8
 _COLLECTIVE = re.compile(
@@ -248,7 +245,7 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess
                 (tree_sh,),
             )
 
-    print("RECORDS " + json.dumps(records))
+    print_records(records)
 
 
 # --------------------------------------------------------------------------- parent
@@ -256,27 +253,7 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess
 
 @functools.lru_cache(maxsize=1)
 def _records() -> dict[str, dict[str, Any]]:
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={N_DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_ENABLE_X64": "0",
-    }
-    # The child imports the same checkout as this process, whatever is installed.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RECORDS "))
-    out: dict[str, dict[str, Any]] = json.loads(line.removeprefix("RECORDS "))
+    out: dict[str, dict[str, Any]] = run_as_script(__file__, devices=N_DEVICES)
     for rec in out.values():
         rec["collectives"] = [tuple(c) for c in rec.get("collectives", [])]
     return out

@@ -11,12 +11,7 @@ permutation columns, where X is exactly 0) they are compared bit for bit.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_orthopenalty as jop
 
+from host_devices import print_records, run_as_script
 from reference import signed_permutation
 
 OPTIONS = {
@@ -362,32 +358,11 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess
     err = max(
         float(jnp.max(jnp.abs(sharded(phi) - want))), float(jnp.max(jnp.abs(closed(phi) - want)))
     )
-    print("RESULT " + json.dumps({"devices": len(jax.devices()), "err": err}))
+    print_records({"devices": len(jax.devices()), "err": err})
 
 
 def test_vmap_inside_shard_map_on_eight_devices() -> None:
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_ENABLE_X64": "0",
-    }
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(root), str(root / "tests"), env.get("PYTHONPATH")])
-    )
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    result = json.loads(line.removeprefix("RESULT "))
+    result = run_as_script(__file__, timeout=120)
     assert result["devices"] == 8
     assert result["err"] <= 1e-5, result
 

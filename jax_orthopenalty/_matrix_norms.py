@@ -46,8 +46,11 @@ copy."""
 
 
 def _nonfinite(x: jax.Array) -> jax.Array:
-    """Per group: whether any entry of ``x`` is NaN or infinite."""
-    return ~jnp.isfinite(jnp.sum(x, axis=(-2, -1)))
+    """Per group: whether any entry of ``x`` is NaN or infinite.
+
+    Entry by entry: a sum of finite entries can overflow, and would flag a group
+    whose value is exact."""
+    return ~jnp.all(jnp.isfinite(x), axis=(-2, -1))
 
 
 def _poison(bad: jax.Array, value: jax.Array, f: jax.Array) -> tuple[jax.Array, jax.Array]:

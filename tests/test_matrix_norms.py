@@ -385,3 +385,16 @@ def test_unknown_norm_names_the_new_ones():
         jop.orthogonality_penalty(jnp.eye(3), norm="nuclear")
     with pytest.raises(TypeError, match="must map an array"):
         jop.orthogonality_penalty(jnp.eye(3), norm="max", subgradient=lambda x: jnp.sum(x))
+
+
+def test_finite_entries_whose_sum_overflows_keep_an_exact_max_norm() -> None:
+    """Every entry of X is finite (3e38 - 1 rounds to 3e38 in float32) but their sum
+    is not: the group is not flagged as non-finite, and the max norm is exact."""
+    x = jnp.sqrt(jnp.float32(3e38))
+    phi = jnp.array([[x, 0.0], [0.0, x]], jnp.float32)  # X = diag(3e38, 3e38) in float32
+    value = jop.orthogonality_penalty(phi, norm="max")
+    c = np.float32(x) * np.float32(x)
+    with np.errstate(over="ignore"):  # the overflow is the point
+        assert np.isfinite(c) and np.isinf(np.float32(c) + np.float32(c))
+    assert float(value) == float(np.float32(c) - np.float32(1))
+    assert np.isfinite(np.asarray(jax.grad(jop.orthogonality_penalty)(phi, norm="max"))).all()

@@ -389,7 +389,8 @@ def add_orthogonality_penalty(
         bools with the structure of the params, a prefix of it (a bool for a whole
         subtree), or a callable from the params to one. ``True`` means penalise.
         A pytree whose leaves are all bools is a tree even if it is callable (an
-        ``equinox.Module`` of bools); any other callable is called.
+        ``equinox.Module`` or flax ``nnx.Module`` of bools); any other callable is
+        called.
       dimension_numbers: the layout of each leaf. ``None`` (default): every leaf of
         rank >= 2 with a floating dtype, in the default layout ``OrthoDims()``
         (vectors on axis 0, columns on the last axis: right for flax ``Dense``
@@ -405,8 +406,8 @@ def add_orthogonality_penalty(
         raises :func:`orthogonality_penalty`'s ``ValueError``, prefixed with the
         leaf's path, when the update is traced. A pytree whose leaves are all
         :class:`OrthoDims` or ``None`` is a tree even if it is callable (an
-        ``equinox.Module`` built with ``jax.tree.map`` over the model's arrays);
-        any other callable is called.
+        ``equinox.Module`` or flax ``nnx.Module`` built with ``jax.tree.map`` over the
+        model); any other callable is called.
       norm: the norm: ``"l1"``, ``"squared"``, :func:`huber`, ``"spectral"``,
         :func:`spectral` or ``"max"`` (see :func:`orthogonality_penalty`).
       subgradient: the kink convention (see :func:`orthogonality_penalty`); static.

@@ -456,3 +456,24 @@ def test_equinox_module_of_bools_is_a_mask_tree() -> None:
         rtol=1e-6,
     )
     np.testing.assert_array_equal(updates.layers[1].weight, zeros.layers[1].weight)
+
+
+def test_flax_nnx_module_of_orthodims_and_of_bools_are_trees() -> None:
+    """An nnx Module is a callable pytree: built with jax.tree.map over the model, a
+    module of OrthoDims/None is dimension_numbers and a module of bools is a mask."""
+    from flax import nnx
+
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))  # kernel (in, out): the default layout
+    dims = jax.tree.map(lambda x: jop.OrthoDims() if x.ndim == 2 else None, model)
+    mask = jax.tree.map(lambda x: x.ndim == 2, model)
+    assert callable(dims) and callable(mask)
+    want = jop.orthogonality_penalty(model.kernel[...], 0.5)
+    got = jop.tree_orthogonality_penalty(model, 0.5, dimension_numbers=dims, mask=mask)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    tx = jop.add_orthogonality_penalty(0.5, dimension_numbers=dims, mask=mask)
+    zeros = jax.tree.map(jnp.zeros_like, model)
+    updates, _ = tx.update(zeros, tx.init(model), model)
+    np.testing.assert_allclose(
+        updates.kernel[...], jop.orthogonality_penalty_grad(model.kernel[...], 0.5), rtol=1e-6
+    )
+    np.testing.assert_array_equal(updates.bias[...], jnp.zeros(3))

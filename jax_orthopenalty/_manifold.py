@@ -46,7 +46,15 @@ from ._layout import (
     check_phi,
     make_layout,
 )
-from ._transform import DimensionNumbers, MaskOrFn, _check_mask, _on_leaf, _select
+from ._transform import (
+    DimensionNumbers,
+    MaskOrFn,
+    _check_mask,
+    _masked,
+    _no_params,
+    _on_leaf,
+    _select,
+)
 
 __all__ = ["LandingState", "landing", "project_orthonormal"]
 
@@ -72,13 +80,6 @@ class LandingState(NamedTuple):
 
     # shape (), int32. The name shadows tuple.count, as in optax's states.
     count: jax.Array  # type: ignore[assignment]
-
-
-def _no_params(name: str) -> str:
-    return (
-        f"{name} needs the current parameters: call `update(updates, state, params)` "
-        "with `params`, not `params=None`."
-    )
 
 
 # --------------------------------------------------------------------------- per leaf
@@ -494,7 +495,7 @@ def landing(
         return out, LandingState(count=jnp.asarray(optax.safe_increment(count)))
 
     tx = optax.GradientTransformation(init_fn, update_fn)
-    return tx if mask is None else optax.masked(tx, mask)
+    return tx if mask is None else _masked(tx, mask)
 
 
 def project_orthonormal(
@@ -598,4 +599,4 @@ def project_orthonormal(
         return out, state
 
     tx = optax.GradientTransformation(init_fn, update_fn)
-    return tx if mask is None else optax.masked(tx, mask)
+    return tx if mask is None else _masked(tx, mask)

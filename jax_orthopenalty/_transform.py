@@ -115,10 +115,13 @@ MaskOrFn: TypeAlias = Any
 """``None``, a pytree of bools (the structure of the params or a prefix of it), or a
 callable from the params to such a pytree: as ``optax.masked``."""
 
-_NO_PARAMS_MSG = (
-    "add_orthogonality_penalty needs the current parameters: call "
-    "`update(updates, state, params)` with `params`, not `params=None`."
-)
+
+def _no_params(name: str) -> str:
+    """The error for ``update(..., params=None)``, as optax raises it, naming ``name``."""
+    return (
+        f"{name} needs the current parameters: call `update(updates, state, params)` "
+        "with `params`, not `params=None`."
+    )
 
 
 # --------------------------------------------------------------------------- selection
@@ -521,7 +524,7 @@ def add_orthogonality_penalty(
         updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, AddOrthogonalityPenaltyState]:
         if params is None:
-            raise ValueError(_NO_PARAMS_MSG)
+            raise ValueError(_no_params("add_orthogonality_penalty"))
         count = cast(AddOrthogonalityPenaltyState, state).count
         new_state = AddOrthogonalityPenaltyState(count=jnp.asarray(optax.safe_increment(count)))
         if isinstance(beta, (int, float)) and beta == 0:

@@ -477,3 +477,28 @@ def test_flax_nnx_module_of_orthodims_and_of_bools_are_trees() -> None:
         updates.kernel[...], jop.orthogonality_penalty_grad(model.kernel[...], 0.5), rtol=1e-6
     )
     np.testing.assert_array_equal(updates.bias[...], jnp.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "make", [jop.landing, jop.project_orthonormal], ids=["landing", "project"]
+)
+def test_manifold_transforms_share_the_mask_rules(make: Any) -> None:
+    """landing and project_orthonormal mask through the same code as the penalty
+    transform: a callable module of bools is a tree (not called), and a mask of the
+    wrong structure is named."""
+    from flax import nnx
+
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    mask = jax.tree.map(lambda x: x.ndim == 2, model)  # callable: an nnx Module
+    incoming = jax.tree.map(jnp.ones_like, model)
+    tx = make(mask=mask)
+    updates, _ = tx.update(incoming, tx.init(model), model)
+    np.testing.assert_array_equal(updates.bias[...], incoming.bias[...])  # masked out
+    unmasked = make()
+    want, _ = unmasked.update(
+        {"k": incoming.kernel[...]}, unmasked.init({"k": 0}), {"k": model.kernel[...]}
+    )
+    np.testing.assert_allclose(updates.kernel[...], want["k"], rtol=1e-6)
+    params = {"a": jnp.eye(3, 2), "b": jnp.eye(3, 2)}
+    with pytest.raises(ValueError, match=r"`mask` does not match the params"):
+        make(mask={"a": True}).init(params)

@@ -202,8 +202,15 @@ def _masked_view(params: Any, mask: MaskOrFn) -> Any:
     return cast(optax.MaskedState, masked).inner_state
 
 
-def _masked(tx: optax.GradientTransformation, mask: MaskOrFn) -> optax.GradientTransformation:
-    """``optax.masked(tx, mask)``, with a mismatched ``mask`` named in the error."""
+def _masked(
+    tx: optax.GradientTransformation, mask: MaskOrFn
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.masked(tx, mask)``, with a mismatched ``mask`` named in the error.
+
+    Like ``optax.masked`` it is a ``GradientTransformationExtraArgs`` (extra keyword
+    arguments of ``update`` reach ``tx``), and like ``tx`` itself it maps
+    ``updates=None`` to ``None`` (``optax.masked`` would fail on it).
+    """
     inner = optax.masked(tx, _mask_for_optax(mask))
 
     def init_fn(params: optax.Params) -> optax.OptState:
@@ -211,18 +218,28 @@ def _masked(tx: optax.GradientTransformation, mask: MaskOrFn) -> optax.GradientT
         return inner.init(params)
 
     def update_fn(
-        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
+        if updates is None:
+            view = None if params is None else _masked_view(params, mask)
+            inner_state = cast(optax.MaskedState, state).inner_state
+            _, inner_state = tx.update(None, inner_state, view)
+            return None, optax.MaskedState(inner_state=inner_state)
         _masked_view(updates, mask)
-        return inner.update(updates, state, params)
+        return inner.update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _check_mask(mask: MaskOrFn) -> None:
     if mask is None or _is_function(mask, _is_mask_leaf):
         return
-    if jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)):
+    leaves = jax.tree.leaves(mask)
+    # An empty container ({}, [], ()) is a tree of no leaves (optax takes it), not a value.
+    if len(leaves) == 1 and leaves[0] is mask:
         raise ValueError(
             "`mask` must be a pytree of bools with the structure of the params (or a "
             "prefix of it), or a callable returning one; got the single value "
@@ -231,6 +248,41 @@ def _check_mask(mask: MaskOrFn) -> None:
             "optax.inject_hyperparams(jop.add_orthogonality_penalty, "
             'static_args=("mask", "dimension_numbers"))(beta=..., mask=fn).'
         )
+
+
+def _check_every(every: object) -> int | jax.Array:
+    """``every``: an int >= 1, the period of lazy regularisation.
+
+    A Python (or NumPy, or concrete JAX) integer is static. A traced integer scalar,
+    which is what ``optax.inject_hyperparams`` passes unless ``every`` is in
+    ``static_args``, is taken as it is: the period is then read at run time.
+    """
+    if isinstance(every, jax.core.Tracer):
+        if every.shape != () or not jnp.issubdtype(every.dtype, jnp.integer):
+            raise TypeError(f"`every` must be an integer scalar, got a traced {every.aval}.")
+        return cast(jax.Array, every)
+    if isinstance(every, (bool, np.bool_)) or not (
+        isinstance(every, (int, np.integer))
+        or (np.ndim(every) == 0 and jnp.issubdtype(jnp.result_type(every), jnp.integer))  # type: ignore[arg-type]
+    ):
+        raise TypeError(
+            "`every` must be an int >= 1 (the period of lazy regularisation), got "
+            f"{every!r} of type {type(every).__name__}."
+        )
+    period = int(cast(Any, every))
+    if period < 1:
+        raise ValueError(
+            f"`every` must be >= 1 (apply the penalty every k-th step), got {period}."
+        )
+    return period
+
+
+def _times(period: int | jax.Array, strength: jax.Array) -> jax.Array:
+    """``period * strength`` in strength's dtype; NaN for a traced period below 1."""
+    if isinstance(period, int):
+        return strength if period == 1 else period * strength
+    k = period.astype(strength.dtype)
+    return jnp.where(period >= 1, k, jnp.nan) * strength
 
 
 class _Leaf(NamedTuple):
@@ -264,6 +316,30 @@ def _select(
         layouts = _match(path_leaves, dims)
     leaves = [_Leaf(path, x, d) for (path, x), d in zip(path_leaves, layouts, strict=True)]
     return treedef, leaves
+
+
+def _map_selected(
+    fn: Callable[[_Leaf, Any], Any],
+    updates: Any,
+    params: Any,
+    dimension_numbers: DimensionNumbers,
+) -> Any:
+    """``fn(leaf, u)`` for every selected leaf of ``params`` and its update ``u``.
+
+    The updates keep their own structure: a ``None`` update (a leaf or a whole
+    subtree, as optax allows) stays ``None``, and unselected leaves, masked-out
+    ``optax.MaskedNode`` places included, pass through untouched.
+    """
+    treedef, leaves = _select(params, dimension_numbers)
+    # A hole sits in its own place (MaskedNode is a node: updates have one there too).
+    slots = treedef.unflatten([leaf.phi if _is_hole(leaf.phi) else leaf for leaf in leaves])
+
+    def one(u: Any, slot: Any) -> Any:
+        if u is None or not isinstance(slot, _Leaf) or slot.dims is None:
+            return u
+        return fn(slot, u)
+
+    return jax.tree.map(one, updates, slots, is_leaf=lambda x: x is None)
 
 
 def _on_leaf(fn: Any, leaf: _Leaf, beta: Any, options: dict[str, Any]) -> jax.Array:
@@ -338,6 +414,7 @@ def add_orthogonality_penalty(
     normalize: bool = False,
     double_sided: bool = False,
     normalize_eps: float | None = None,
+    every: int = 1,
 ) -> optax.GradientTransformation:
     r"""Adds the gradient of the orthogonality penalty to the updates.
 
@@ -371,11 +448,30 @@ def add_orthogonality_penalty(
       \partial L_\beta / \partial \Phi)`, so the penalty pulls with strength
       :math:`\eta\beta` whatever the task gradient's scale.
 
+    **Lazy regularisation** (``every=k``, StyleGAN2's trick). On the steps whose
+    count is a multiple of :math:`k` (0, k, 2k, ...) the transform adds
+    :math:`k\,\partial L_{\beta_t}/\partial\Phi`; on the others it adds nothing
+    and forms no Gram matrix (one ``lax.cond`` per update), so the penalty costs
+    about :math:`1/k` of what it costs at ``every=1``. Over :math:`k` steps the
+    penalty's total pull is the same. It is safe where the penalty is a small
+    term that moves the parameters slowly compared with :math:`k` steps of the
+    task: a decoupled placement (after ``scale_by_adam``, or with SGD), where the
+    pull is applied as it is, :math:`k` times less often and :math:`k` times
+    stronger. A coupled placement before ``scale_by_adam`` feeds Adam a spike of
+    :math:`k\beta` every :math:`k` steps, which Adam's second moment averages
+    into its scale of every step; measure before relying on it
+    (docs/performance.md has both placements at k = 1, 4, 16). Under
+    ``jax.vmap`` of the update, the ``cond`` becomes a select and both
+    branches run: no saving there.
+
     **With optax.inject_hyperparams.** ``beta`` can be injected (and then changed
-    in ``state.hyperparams["beta"]``). ``inject_hyperparams`` takes every callable
-    argument for a schedule, so a callable ``mask`` or ``dimension_numbers`` (or a
-    callable ``subgradient``, such as :func:`deadzone`) must be named in
-    ``static_args``::
+    in ``state.hyperparams["beta"]``). So can ``every``: ``inject_hyperparams``
+    traces it (then the period is read at run time, and a period below 1 gives
+    NaN updates); name it in ``static_args=("every",)`` to keep it static, which
+    at ``every=1`` also leaves out the ``lax.cond``. ``inject_hyperparams`` takes
+    every callable argument for a schedule, so a callable ``mask`` or
+    ``dimension_numbers`` (or a callable ``subgradient``, such as :func:`deadzone`)
+    must be named in ``static_args``::
 
         optax.inject_hyperparams(
             jop.add_orthogonality_penalty, static_args=("mask", "dimension_numbers")
@@ -423,19 +519,24 @@ def add_orthogonality_penalty(
         (``None`` rather than ``1e-12`` because ``optax.inject_hyperparams`` would
         turn a float default into a traced hyperparameter; pass a float through it
         only with ``static_args=("normalize_eps",)``.)
+      every: apply the penalty on every ``every``-th update only, scaled by
+        ``every`` (lazy regularisation, above). An int >= 1; 1 (the default)
+        applies it on every update.
 
     Returns:
       An ``optax.GradientTransformation``, wrapped in ``optax.masked`` when ``mask``
-      is given. Its state is :class:`AddOrthogonalityPenaltyState` (inside
+      is given (then a ``GradientTransformationExtraArgs``, as ``optax.masked``
+      returns). Its state is :class:`AddOrthogonalityPenaltyState` (inside
       ``optax.MaskedState`` with a mask). ``update`` needs ``params``; it returns the
-      updates in their own dtypes (bfloat16 stays bfloat16).
+      updates in their own dtypes (bfloat16 stays bfloat16), and ``None`` updates
+      (a leaf, a subtree or all of them) as ``None``, as optax's transforms do.
 
     Raises:
       ValueError, TypeError: at construction, for an unknown ``norm`` or
-        ``subgradient``, options of the wrong type, a non-scalar ``beta`` or a mask
-        that is a single value; at ``update``, for ``params=None``, a
-        ``dimension_numbers`` that does not match the params, or a layout that does
-        not fit its leaf.
+        ``subgradient``, options of the wrong type, a non-scalar ``beta``, an
+        ``every`` that is not an int >= 1 or a mask that is a single value; at
+        ``update``, for ``params=None``, a ``dimension_numbers`` that does not match
+        the params, or a layout that does not fit its leaf.
 
     Examples:
       Coupled, L2-style: the same updates as Adam on the loss plus the penalty.
@@ -498,8 +599,20 @@ def add_orthogonality_penalty(
       >>> u["dec"]                        # 2 * beta * dec @ sign(dec^T dec - I), beta = 1
       Array([[4., 0.],
              [0., 4.]], dtype=float32)
+
+      Lazy: every 4th step, 4 times the pull.
+
+      >>> tx = jop.add_orthogonality_penalty(1.0, every=4)
+      >>> state = tx.init(params)
+      >>> pulls = []
+      >>> for _ in range(5):
+      ...     u, state = tx.update(zeros, state, params)
+      ...     pulls.append(float(u["dec"][0, 0]))
+      >>> pulls
+      [16.0, 0.0, 0.0, 0.0, 16.0]
     """
     _check_mask(mask)
+    _check_every(every)
     options: dict[str, Any] = dict(
         norm=norm,
         subgradient=subgradient,
@@ -527,17 +640,27 @@ def add_orthogonality_penalty(
             raise ValueError(_no_params("add_orthogonality_penalty"))
         count = cast(AddOrthogonalityPenaltyState, state).count
         new_state = AddOrthogonalityPenaltyState(count=jnp.asarray(optax.safe_increment(count)))
-        if isinstance(beta, (int, float)) and beta == 0:
+        if updates is None or (isinstance(beta, (int, float)) and beta == 0):
             return updates, new_state
         strength = check_beta(beta(count) if callable(beta) else beta, jnp.dtype(jnp.float32))
-        treedef, leaves = _select(params, dimension_numbers)
-        out = [
-            u
-            if leaf.dims is None or u is None
-            else u + _on_leaf(orthogonality_penalty_grad, leaf, strength, options).astype(u.dtype)
-            for u, leaf in zip(treedef.flatten_up_to(updates), leaves, strict=True)
-        ]
-        return treedef.unflatten(out), new_state
+
+        period = _check_every(every)  # traced under optax.inject_hyperparams
+
+        def add(u: optax.Updates) -> optax.Updates:
+            scale = _times(period, strength)
+
+            def one(leaf: _Leaf, g: jax.Array) -> jax.Array:
+                pull = _on_leaf(orthogonality_penalty_grad, leaf, scale, options)
+                return g + pull.astype(g.dtype)
+
+            return cast(optax.Updates, _map_selected(one, u, params, dimension_numbers))
+
+        if isinstance(period, int) and period == 1:
+            return add(updates), new_state
+        # Lazy: the steps with count 0, k, 2k, ... add k * beta dL/dPhi; the other
+        # branch forms no Gram matrix. (Under vmap, cond becomes select: both run.)
+        due = count % period == 0
+        return cast(optax.Updates, jax.lax.cond(due, add, lambda u: u, updates)), new_state
 
     tx = optax.GradientTransformation(init_fn, update_fn)
     return tx if mask is None else _masked(tx, mask)

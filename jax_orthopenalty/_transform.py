@@ -261,10 +261,10 @@ def _check_every(every: object) -> int | jax.Array:
         if every.shape != () or not jnp.issubdtype(every.dtype, jnp.integer):
             raise TypeError(f"`every` must be an integer scalar, got a traced {every.aval}.")
         return cast(jax.Array, every)
-    if isinstance(every, (bool, np.bool_)) or not (
-        isinstance(every, (int, np.integer))
-        or (np.ndim(every) == 0 and jnp.issubdtype(jnp.result_type(every), jnp.integer))  # type: ignore[arg-type]
-    ):
+    is_int_array = getattr(every, "shape", None) == () and jnp.issubdtype(
+        getattr(every, "dtype", None) or np.float64, jnp.integer
+    )
+    if isinstance(every, (bool, np.bool_)) or not (isinstance(every, int) or is_int_array):
         raise TypeError(
             "`every` must be an int >= 1 (the period of lazy regularisation), got "
             f"{every!r} of type {type(every).__name__}."

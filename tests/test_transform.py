@@ -720,3 +720,156 @@ def test_default_selection_skips_integer_and_boolean_matrices() -> None:
     np.testing.assert_array_equal(new["idx"], zeros["idx"])
     np.testing.assert_array_equal(new["m"], zeros["m"])
     assert float(jop.tree_orthogonality_penalty(params, 0.5)) == 0.5 * 3 * 3
+
+
+# --------------------------------------------------------------------------- lazy: every=k
+
+
+@pytest.mark.parametrize("every", [1, 4, 16])
+def test_every_adds_k_times_the_pull_on_multiples_of_k_and_nothing_else(every: int) -> None:
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(_rand(rng, 6, 3), jnp.float32), "b": jnp.ones(3)}
+    g = {"w": jnp.asarray(_rand(rng, 6, 3), jnp.float32), "b": jnp.full(3, 0.5)}
+    tx = jop.add_orthogonality_penalty(0.3, every=every)
+    state, step = tx.init(params), jax.jit(tx.update)
+    pull = _ref_grad(params["w"], 0.3)
+    for count in range(2 * every + 1):
+        u, state = step(g, state, params)
+        expected = np.asarray(g["w"]) + (every * pull if count % every == 0 else 0)
+        np.testing.assert_allclose(u["w"], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(u["b"], g["b"])  # rank 1: never touched
+    assert int(state.count) == 2 * every + 1
+
+
+def test_every_with_a_schedule_uses_beta_at_the_applying_step() -> None:
+    params = {"w": 2 * jnp.eye(2)}
+    zeros = {"w": jnp.zeros((2, 2))}
+    tx = jop.add_orthogonality_penalty(optax.linear_schedule(0.0, 1.0, 8), every=4)
+    state = tx.init(params)
+    seen = []
+    for _ in range(9):
+        u, state = tx.update(zeros, state, params)
+        seen.append(float(u["w"][0, 0]))
+    # beta(c) = c / 8 at c = 0, 4, 8; the pull of 2I at beta is 2 beta * 2 * 1 = 4 beta.
+    assert seen == [0.0, 0, 0, 0, 4 * 4 * 0.5, 0, 0, 0, 4 * 4 * 1.0]
+
+
+def test_every_off_steps_form_no_gram_matrix() -> None:
+    # The cond's skipping branch has no dot_general: the cost really falls by ~k.
+    params = {"w": jnp.ones((64, 32))}
+    tx = jop.add_orthogonality_penalty(1.0, every=4)
+    jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
+    (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    # The printed jaxpr of a branch includes the jaxprs nested in it (pjit, custom rules).
+    skip, apply = (str(branch).count("dot_general") for branch in cond.params["branches"])
+    assert skip == 0
+    assert apply >= 2  # the Gram matrix and the product
+    # every=1 has no cond at all.
+    tx1 = jop.add_orthogonality_penalty(1.0)
+    jaxpr1 = jax.make_jaxpr(tx1.update)(params, tx1.init(params), params)
+    assert not any(e.primitive.name == "cond" for e in jaxpr1.eqns)
+
+
+def test_every_with_a_mask_and_a_callable_dimension_numbers() -> None:
+    rng = np.random.default_rng(5)
+    params = {"a": jnp.asarray(_rand(rng, 5, 2), jnp.float32), "c": jnp.eye(3)}
+    g = jax.tree.map(jnp.zeros_like, params)
+    tx = jop.add_orthogonality_penalty(
+        0.5,
+        every=2,
+        mask={"a": True, "c": False},
+        dimension_numbers=lambda p: jax.tree.map(lambda _: OrthoDims(), p),
+    )
+    state = tx.init(params)
+    u0, state = tx.update(g, state, params)
+    u1, state = tx.update(g, state, params)
+    np.testing.assert_allclose(u0["a"], 2 * _ref_grad(params["a"], 0.5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(u1["a"], 0)
+    np.testing.assert_array_equal(u0["c"], 0)
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "traced"])
+def test_every_under_inject_hyperparams(static: bool) -> None:
+    # Without static_args, inject_hyperparams traces every (an int hyperparameter):
+    # the period is then read at run time, with the same updates.
+    params = {"w": 2 * jnp.eye(2)}
+    zeros = {"w": jnp.zeros((2, 2))}
+    args = ("every",) if static else ()
+    tx = optax.inject_hyperparams(jop.add_orthogonality_penalty, static_args=args)(
+        beta=1.0, every=3
+    )
+    state, step = tx.init(params), jax.jit(tx.update)
+    seen = []
+    for _ in range(4):
+        u, state = step(zeros, state, params)
+        seen.append(float(u["w"][0, 0]))
+    assert seen == [12.0, 0.0, 0.0, 12.0]
+    if not static:
+        state.hyperparams["every"] = jnp.asarray(0)  # a period below 1: NaN, not silence
+        u, _ = step(zeros, state, params)
+        assert bool(jnp.all(jnp.isnan(u["w"])))
+
+
+@pytest.mark.parametrize(
+    ("every", "error"),
+    [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError), ("4", TypeError)],
+)
+def test_bad_every_raises_at_construction(every: Any, error: type) -> None:
+    with pytest.raises(error, match="`every`"):
+        jop.add_orthogonality_penalty(1.0, every=every)
+
+
+def test_every_accepts_numpy_and_concrete_jax_ints() -> None:
+    params = {"w": 2 * jnp.eye(2)}
+    zeros = {"w": jnp.zeros((2, 2))}
+    for every in (np.int64(2), jnp.asarray(2)):
+        tx = jop.add_orthogonality_penalty(1.0, every=every)
+        u, _ = tx.update(zeros, tx.init(params), params)
+        assert float(u["w"][0, 0]) == 8.0
+
+
+# --------------------------------------------------------------------------- optax's own checks
+
+
+def test_none_updates_pass_through_as_none() -> None:
+    # optax's _adding_test: update(None, state, params) returns None, masked or not;
+    # a None leaf or subtree of the updates stays None.
+    params = {"w": 2 * jnp.eye(2), "sub": {"v": jnp.eye(3, 2)}}
+    for tx in (
+        jop.add_orthogonality_penalty(1.0),
+        jop.add_orthogonality_penalty(1.0, every=2),
+        jop.add_orthogonality_penalty(1.0, mask={"w": True, "sub": False}),
+    ):
+        state = tx.init(params)
+        u, new_state = tx.update(None, state, params)
+        assert u is None
+        assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    tx = jop.add_orthogonality_penalty(1.0)
+    u, _ = tx.update({"w": jnp.zeros((2, 2)), "sub": None}, tx.init(params), params)
+    assert u["sub"] is None
+    np.testing.assert_array_equal(u["w"], 8 * jnp.eye(2) / 2)
+
+
+def test_masked_transform_keeps_the_extra_args_interface() -> None:
+    params = {"w": 2 * jnp.eye(2), "b": jnp.ones(2)}
+    tx = jop.add_orthogonality_penalty(1.0, mask={"w": True, "b": False})
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    u, _ = tx.update(zeros, tx.init(params), params, loss=jnp.float32(1.0))
+    np.testing.assert_array_equal(u["w"], 4 * jnp.eye(2))
+    # Inside a chain with a transform that takes extra args (as optax's tests do).
+    chain = optax.chain(tx, optax.scale_by_learning_rate(0.1))
+    u, _ = chain.update(zeros, chain.init(params), params, value=jnp.float32(1.0))
+    np.testing.assert_allclose(u["w"], -0.4 * jnp.eye(2))
+
+
+@pytest.mark.parametrize("empty", [{}, [], ()], ids=["dict", "list", "tuple"])
+def test_empty_mask_on_empty_params(empty: Any) -> None:
+    # optax.masked takes an empty container (a tree of no leaves).
+    tx = jop.add_orthogonality_penalty(1.0, mask=empty)
+    state = tx.init(empty)
+    u, _ = tx.update(empty, state, empty)
+    assert u == empty
+    assert jop.tree_orthogonality_penalty(empty, 1.0, mask=empty) == 0
+    with pytest.raises(ValueError, match="`mask` does not match"):
+        tx.init({"w": jnp.eye(2)})

@@ -14,6 +14,7 @@ from ._rules import Subgradient as Subgradient
 from ._rules import deadzone as deadzone
 from ._rules import huber as huber
 from ._rules import spectral as spectral
+from ._summary import summary as summary
 from ._transform import AddOrthogonalityPenaltyState as AddOrthogonalityPenaltyState
 from ._transform import OrthoDims as OrthoDims
 from ._transform import add_orthogonality_penalty as add_orthogonality_penalty
@@ -36,5 +37,6 @@ __all__ = [
     "orthogonality_penalty_grad",
     "project_orthonormal",
     "spectral",
+    "summary",
     "tree_orthogonality_penalty",
 ]

@@ -1,0 +1,184 @@
+r"""What a tree-wide transform selects, in which layout: one line per leaf.
+
+:func:`summary` runs the selection of :func:`add_orthogonality_penalty` (``mask``
+first, then ``dimension_numbers``: the same ``_select``) on a pytree of parameters
+and prints what it decided, so that a layout nobody meant (a conv kernel taken
+along its height, a classifier head whose columns cannot be orthonormal) is seen
+before training, not after.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ._layout import Layout, make_layout
+from ._transform import DimensionNumbers, MaskOrFn, _is_hole, _masked_view, _select
+
+__all__ = ["summary"]
+
+_HEADER = ("leaf", "shape", "dtype", "selected", "vectors", "column", "groups", "l", "n", "notes")
+
+
+def _default_skip(x: Any) -> str | None:
+    """Why ``dimension_numbers=None`` skips ``x``, or None where it selects it."""
+    ndim = len(x.shape)
+    if ndim < 2:
+        return f"no: rank {ndim} < 2"
+    dtype = x.dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)):
+        return f"no: dtype {dtype} is not floating"
+    return None
+
+
+def _zero_groups(x: Any, layout: Layout) -> int:
+    """How many groups of a concrete ``x`` are all zero (0 for a traced or abstract x)."""
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, (jax.Array, np.ndarray)):
+        return 0
+    if x.size == 0:
+        return 0
+    zero = np.all(np.asarray(x) == 0, axis=(*layout.vector_axes, layout.column_axis))
+    return int(np.sum(zero))
+
+
+def _notes(x: Any, layout: Layout, default: bool) -> list[str]:
+    l = math.prod(x.shape[a] for a in layout.vector_axes)
+    n = x.shape[layout.column_axis]
+    notes = []
+    if n > l:
+        notes.append("n > l: use the rows")
+    if default and len(x.shape) >= 3:
+        notes.append("rank >= 3 by default: see dimension_numbers_for")
+    zeros = _zero_groups(x, layout)
+    if zeros:
+        notes.append(f"{zeros} all-zero group{'s' * (zeros > 1)}: landing can't move")
+    return notes
+
+
+def _row(path: Any, x: Any, masked: bool, dims: Any, default: bool) -> tuple[str, ...]:
+    where = jax.tree_util.keystr(path) or "(root)"
+    if x is None:
+        return (where, "", "", "no: None leaf", "", "", "", "", "", "")
+    shape, dtype = str(tuple(x.shape)), str(x.dtype)
+    head = (where, shape, dtype)
+    blank = ("",) * 6
+    if masked:
+        return (*head, "no: masked out by `mask`", *blank)
+    if dims is None:
+        reason = _default_skip(x) if default else "no: `dimension_numbers` gives None"
+        return (*head, reason or "no", *blank)
+    try:
+        layout = make_layout(len(x.shape), dims.vector_axis, dims.column_axis)
+    except (ValueError, TypeError) as e:
+        return (*head, "error", "", "", "", "", "", str(e))
+    groups = math.prod(x.shape[a] for a in layout.group_axes)
+    l = math.prod(x.shape[a] for a in layout.vector_axes)
+    vectors = (
+        str(layout.vector_axes[0]) if len(layout.vector_axes) == 1 else str(layout.vector_axes)
+    )
+    return (
+        *head,
+        "yes",
+        vectors,
+        str(layout.column_axis),
+        str(groups),
+        str(l),
+        str(x.shape[layout.column_axis]),
+        "; ".join(_notes(x, layout, default)),
+    )
+
+
+def summary(
+    params: Any, *, mask: MaskOrFn = None, dimension_numbers: DimensionNumbers = None
+) -> str:
+    r"""One line per leaf: whether the transforms penalise it, and in which layout.
+
+    The leaves and layouts are chosen exactly as :func:`add_orthogonality_penalty`,
+    :func:`tree_orthogonality_penalty`, :func:`landing` and
+    :func:`project_orthonormal` choose them for the same ``mask`` and
+    ``dimension_numbers`` (the same code). For every leaf the line gives its path,
+    shape and dtype; whether it is selected, or why not (masked out, ``None`` in
+    ``dimension_numbers``, or under the default selection a rank below 2 or a
+    dtype that is not floating); and for a selected leaf its vector axes (contracted
+    in the Gram matrix, flattened together: their sizes multiply to :math:`l`), its
+    column axis (:math:`n` columns), and the number of groups (the product of the
+    other axes). The notes flag what is likely not meant:
+
+    * ``n > l``: more columns than the vectors' length. The :math:`n` columns of a
+      group cannot be orthonormal, so the penalty cannot reach 0 and
+      :func:`landing` and :func:`project_orthonormal` raise. The rows can be:
+      swap the axes (:func:`dimension_numbers_for` does), or skip the leaf.
+    * a rank >= 3 leaf under the default layout (``dimension_numbers=None``): a
+      conv kernel or a stack of layers, taken with its first axis as the vectors.
+      :func:`dimension_numbers_for` gives the layout a module means.
+    * all-zero groups (concrete params only): :func:`landing` leaves them at zero,
+      as its field vanishes at :math:`X = 0`.
+    * ``error`` (in the selected column): the layout does not fit the leaf; the
+      notes give the error the transforms raise.
+
+    Args:
+      params: a pytree of parameters: arrays, or anything with ``shape`` and
+        ``dtype`` (``jax.ShapeDtypeStruct``, the output of ``jax.eval_shape``).
+      mask: as in :func:`add_orthogonality_penalty`.
+      dimension_numbers: as in :func:`add_orthogonality_penalty`.
+
+    Returns:
+      A table as a string (print it): a header, one line per leaf, and a last line
+      with the number of leaves and groups selected.
+
+    Raises:
+      ValueError, TypeError: a ``mask`` or ``dimension_numbers`` that does not match
+        the params, as the transforms raise.
+
+    Examples:
+      A conv kernel, its bias and a wide classifier head, under the default layout:
+
+      >>> import jax.numpy as jnp
+      >>> import jax_orthopenalty as jop
+      >>> params = {"conv": jnp.ones((3, 3, 3, 8)), "bias": jnp.zeros(8), "head": jnp.ones((8, 10))}
+      >>> print(jop.summary(params))
+      leaf      shape         dtype    selected        vectors  column  groups  l  n   notes
+      ['bias']  (8,)          float32  no: rank 1 < 2
+      ['conv']  (3, 3, 3, 8)  float32  yes             0        3       9       3  8   n > l: use the rows; rank >= 3 by default: see dimension_numbers_for
+      ['head']  (8, 10)       float32  yes             0        1       1       8  10  n > l: use the rows
+      selected: 2 of 3 leaves, 10 groups
+
+      and in the layouts meant: one group per conv kernel (the receptive fields of
+      the 8 output channels), the head's rows.
+
+      >>> dims = {"conv": jop.OrthoDims((0, 1, 2), 3), "bias": None, "head": jop.OrthoDims(1, 0)}
+      >>> print(jop.summary(params, dimension_numbers=dims))
+      leaf      shape         dtype    selected                            vectors    column  groups  l   n  notes
+      ['bias']  (8,)          float32  no: `dimension_numbers` gives None
+      ['conv']  (3, 3, 3, 8)  float32  yes                                 (0, 1, 2)  3       1       27  8
+      ['head']  (8, 10)       float32  yes                                 1          0       1       10  8
+      selected: 2 of 3 leaves, 2 groups
+    """  # noqa: E501
+    view = _masked_view(params, mask)
+    masked_paths = [
+        path
+        for path, x in jax.tree_util.tree_flatten_with_path(view, is_leaf=_is_hole)[0]
+        if isinstance(x, optax.MaskedNode)
+    ]
+    _, selected = _select(view, dimension_numbers)
+    dims_at = {leaf.path: leaf.dims for leaf in selected}
+    rows: list[tuple[str, ...]] = [_HEADER]
+    count = groups = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda v: v is None)[0]:
+        masked = any(path[: len(p)] == p for p in masked_paths)
+        row = _row(path, x, masked, dims_at.get(path), dimension_numbers is None)
+        rows.append(row)
+        if row[3] == "yes":
+            count += 1
+            groups += int(row[6] or 0)
+    widths = [max(len(r[k]) for r in rows) for k in range(len(_HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append(
+        f"selected: {count} of {len(rows) - 1} leaves, {groups} group{'s' * (groups != 1)}"
+    )
+    return "\n".join(lines)

@@ -18,7 +18,14 @@ import numpy as np
 import optax
 
 from ._layout import Layout, make_layout
-from ._transform import DimensionNumbers, MaskOrFn, _is_hole, _masked_view, _select
+from ._transform import (
+    DimensionNumbers,
+    MaskOrFn,
+    _check_mask,
+    _is_hole,
+    _masked_view,
+    _select,
+)
 
 __all__ = ["summary"]
 
@@ -159,6 +166,7 @@ def summary(
       ['head']  (8, 10)       float32  yes                                 1          0       1       10  8
       selected: 2 of 3 leaves, 2 groups
     """  # noqa: E501
+    _check_mask(mask)
     view = _masked_view(params, mask)
     masked_paths = [
         path

@@ -234,6 +234,24 @@ def _masked(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _transformation(
+    init_fn: Callable[..., Any], update_fn: Callable[..., Any], mask: MaskOrFn
+) -> optax.GradientTransformationExtraArgs:
+    """The transform of ``init_fn``/``update_fn``, masked by ``mask`` unless it is None.
+
+    Always a ``GradientTransformationExtraArgs`` (extra keyword arguments of
+    ``update``, such as ``value=``, are accepted and ignored), as optax's
+    optimizers and ``optax.masked`` are, so it can be called where they can.
+    """
+
+    def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> Any:
+        del extra_args  # none is used
+        return update_fn(updates, state, params)
+
+    tx = optax.GradientTransformationExtraArgs(init_fn, update)
+    return tx if mask is None else _masked(tx, mask)
+
+
 def _check_mask(mask: MaskOrFn) -> None:
     if mask is None or _is_function(mask, _is_mask_leaf):
         return
@@ -415,7 +433,7 @@ def add_orthogonality_penalty(
     double_sided: bool = False,
     normalize_eps: float | None = None,
     every: int = 1,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Adds the gradient of the orthogonality penalty to the updates.
 
     For every selected leaf :math:`\Phi` of the params, with groups
@@ -524,12 +542,13 @@ def add_orthogonality_penalty(
         applies it on every update.
 
     Returns:
-      An ``optax.GradientTransformation``, wrapped in ``optax.masked`` when ``mask``
-      is given (then a ``GradientTransformationExtraArgs``, as ``optax.masked``
-      returns). Its state is :class:`AddOrthogonalityPenaltyState` (inside
-      ``optax.MaskedState`` with a mask). ``update`` needs ``params``; it returns the
-      updates in their own dtypes (bfloat16 stays bfloat16), and ``None`` updates
-      (a leaf, a subtree or all of them) as ``None``, as optax's transforms do.
+      An ``optax.GradientTransformationExtraArgs`` (extra keyword arguments of
+      ``update`` are accepted and ignored, as by optax's optimizers), wrapped in
+      ``optax.masked`` when ``mask`` is given. Its state is
+      :class:`AddOrthogonalityPenaltyState` (inside ``optax.MaskedState`` with a
+      mask). ``update`` needs ``params``; it returns the updates in their own
+      dtypes (bfloat16 stays bfloat16), and ``None`` updates (a leaf, a subtree or
+      all of them) as ``None``, as optax's transforms do.
 
     Raises:
       ValueError, TypeError: at construction, for an unknown ``norm`` or
@@ -662,8 +681,7 @@ def add_orthogonality_penalty(
         due = count % period == 0
         return cast(optax.Updates, jax.lax.cond(due, add, lambda u: u, updates)), new_state
 
-    tx = optax.GradientTransformation(init_fn, update_fn)
-    return tx if mask is None else _masked(tx, mask)
+    return _transformation(init_fn, update_fn, mask)
 
 
 def tree_orthogonality_penalty(

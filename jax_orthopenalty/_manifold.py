@@ -50,10 +50,10 @@ from ._transform import (
     DimensionNumbers,
     MaskOrFn,
     _check_mask,
-    _masked,
+    _map_selected,
     _no_params,
     _on_leaf,
-    _select,
+    _transformation,
 )
 
 __all__ = ["LandingState", "landing", "project_orthonormal"]
@@ -287,14 +287,13 @@ def _map_leaves(
 ) -> Any:
     if params is None:
         raise ValueError(_no_params(name))
-    treedef, leaves = _select(params, dimension_numbers)
-    out = [
-        u
-        if leaf.dims is None or u is None
-        else _on_leaf(fn, leaf, strength, {**options, "updates": u})
-        for u, leaf in zip(treedef.flatten_up_to(updates), leaves, strict=True)
-    ]
-    return treedef.unflatten(out)
+    if updates is None:
+        return None
+
+    def one(leaf: Any, u: Any) -> Any:
+        return _on_leaf(fn, leaf, strength, {**options, "updates": u})
+
+    return _map_selected(one, updates, params, dimension_numbers)
 
 
 # --------------------------------------------------------------------------- public
@@ -308,7 +307,7 @@ def landing(
     safe_step: float | None = None,
     learning_rate: optax.ScalarOrSchedule | None = None,
     precision: Any = DEFAULT_PRECISION,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the updates by the landing field: steps that land on orthonormal columns.
 
     For every selected leaf and every group :math:`X` (:math:`l \times n`,
@@ -407,7 +406,7 @@ def landing(
       precision: the matmul precision, ``HIGHEST`` by default.
 
     Returns:
-      An ``optax.GradientTransformation``, wrapped in ``optax.masked`` when
+      An ``optax.GradientTransformationExtraArgs``, wrapped in ``optax.masked`` when
       ``mask`` is given, with state :class:`LandingState`. ``update`` needs
       ``params``; updates keep their dtypes (bfloat16 stays bfloat16, computed in
       float32). NaN in a group's params or updates gives NaN in that group's field.
@@ -494,8 +493,7 @@ def landing(
         )
         return out, LandingState(count=jnp.asarray(optax.safe_increment(count)))
 
-    tx = optax.GradientTransformation(init_fn, update_fn)
-    return tx if mask is None else _masked(tx, mask)
+    return _transformation(init_fn, update_fn, mask)
 
 
 def project_orthonormal(
@@ -503,7 +501,7 @@ def project_orthonormal(
     mask: MaskOrFn = None,
     dimension_numbers: DimensionNumbers = None,
     precision: Any = DEFAULT_PRECISION,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Last in a chain: the updated parameters become their nearest orthonormal matrix.
 
     For every selected leaf and every group :math:`X` (:math:`l \times n`,
@@ -560,7 +558,7 @@ def project_orthonormal(
         default.
 
     Returns:
-      An ``optax.GradientTransformation`` with state ``optax.EmptyState``
+      An ``optax.GradientTransformationExtraArgs`` with state ``optax.EmptyState``
       (inside ``optax.MaskedState`` with a mask). ``update`` needs ``params``.
 
     Raises:
@@ -598,5 +596,4 @@ def project_orthonormal(
         )
         return out, state
 
-    tx = optax.GradientTransformation(init_fn, update_fn)
-    return tx if mask is None else _masked(tx, mask)
+    return _transformation(init_fn, update_fn, mask)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -152,3 +153,12 @@ def test_mismatched_mask_or_dimension_numbers_raise_as_the_transforms(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         jop.summary({"w": jnp.ones((3, 2))}, **kwargs)
+
+
+def test_the_readme_shows_the_real_output() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"print\(jop\.summary\(params\)\)\n((?:# .*\n)+)", readme)
+    assert block is not None
+    shown = "\n".join(line[2:] for line in block.group(1).splitlines())
+    params = {"conv": jnp.ones((3, 3, 3, 8)), "bias": jnp.zeros(8), "head": jnp.ones((8, 10))}
+    assert shown == jop.summary(params)

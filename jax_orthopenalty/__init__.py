@@ -3,6 +3,7 @@
 See :func:`orthogonality_penalty` for the math.
 """
 
+from ._frameworks import dimension_numbers_for as dimension_numbers_for
 from ._manifold import LandingState as LandingState
 from ._manifold import landing as landing
 from ._manifold import project_orthonormal as project_orthonormal
@@ -30,6 +31,7 @@ __all__ = [
     "Subgradient",
     "add_orthogonality_penalty",
     "deadzone",
+    "dimension_numbers_for",
     "huber",
     "landing",
     "orthogonality_error",

@@ -284,7 +284,7 @@ def check_phi(phi: ArrayLike) -> jax.Array:
     """Converts ``phi`` to an array and checks that its dtype is real floating."""
     if not hasattr(phi, "dtype"):
         phi = jnp.asarray(phi, dtype=float)
-    if jax.dtypes.issubdtype(phi.dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(phi.dtype, jax.dtypes.prng_key):
         # A typed key array (jax.random.key): its dtype is not a NumPy one.
         raise TypeError(
             f"`phi` must have a floating dtype, got a PRNG key array ({phi.dtype}): a "
@@ -366,7 +366,7 @@ def _check_strength(name: str, beta: object, value: float, acc: jnp.dtype) -> No
             f"`{name}` must be finite and >= 0 (in {jnp.dtype(acc)}), got {beta!r}. "
             "A negative strength rewards non-orthogonality without bound."
         )
-    info = jnp.finfo(acc)
+    info = np.finfo(acc)
     if value > float(info.max):
         raise ValueError(
             f"`{name}`={beta!r} overflows {jnp.dtype(acc)} (max {float(info.max):.3g}), the "

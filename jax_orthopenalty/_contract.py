@@ -95,6 +95,11 @@ def _sizes(layout: Layout, shape: Sequence[int]) -> tuple[int, int, int]:
     return m, l, shape[layout.column_axis]
 
 
+def _is_static(size: Any) -> bool:
+    """Whether ``size`` is a known integer, not a symbolic dimension of ``jax.export``."""
+    return isinstance(size, (int, np.integer))
+
+
 def _full_precision(precision: Any) -> bool:
     """Whether ``precision`` asks the dot for full float32 (or better) arithmetic."""
     if isinstance(precision, (tuple, list)):
@@ -125,6 +130,15 @@ def choose(
       ``"einsum"``, ``"batched"``, ``"halves"`` or ``"unrolled"``.
     """
     m, l, n = _sizes(layout, shape)
+    if not all(map(_is_static, (m, l, n))):
+        # A symbolic size (shape polymorphism, as jax.export traces) is unknown here:
+        # comparing it with a threshold would be inconclusive. The dot is right for
+        # every size, and a symbolic size is >= 1, never empty.
+        return (
+            "halves"
+            if which == "gram" and _is_static(n) and n >= HALVES_MIN_COLUMNS
+            else "batched"
+        )
     if m * l * n == 0:
         return "einsum"
     # The unrolled forms compute every product and sum at the accumulation dtype's
@@ -201,7 +215,7 @@ def _use_nt(layout: Layout, shape: Sequence[int]) -> bool:
     # copy is the only phi-sized temporary. With many groups the second transpose
     # of phi would be a second phi-sized buffer; for the halves it measured slower.
     m, _, n = _sizes(layout, shape)
-    return m == 1 and n >= 64
+    return _is_static(m) and _is_static(n) and m == 1 and n >= 64
 
 
 def _gram_dot(layout: Layout, x: jax.Array, y: jax.Array, precision: Any, acc: Any) -> jax.Array:

@@ -284,6 +284,12 @@ def check_phi(phi: ArrayLike) -> jax.Array:
     """Converts ``phi`` to an array and checks that its dtype is real floating."""
     if not hasattr(phi, "dtype"):
         phi = jnp.asarray(phi, dtype=float)
+    if jnp.issubdtype(phi.dtype, jax.dtypes.prng_key):
+        # A typed key array (jax.random.key): its dtype is not a NumPy one.
+        raise TypeError(
+            f"`phi` must have a floating dtype, got a PRNG key array ({phi.dtype}): a "
+            "key is not a parameter to penalise. Skip the leaf (None in dimension_numbers)."
+        )
     dtype = jnp.dtype(phi.dtype)
     if jnp.issubdtype(dtype, jnp.complexfloating):
         raise TypeError(
@@ -300,13 +306,24 @@ def check_phi(phi: ArrayLike) -> jax.Array:
 def check_beta(beta: ArrayLike, acc: jnp.dtype, name: str = "beta") -> jax.Array:
     """Converts a strength (``beta``, or another one named ``name``) to a real scalar array.
 
-    Integers become ``acc``.
+    Integers become ``acc``, the dtype the strength is used in (the accumulation
+    dtype: float32 for bfloat16 and float16 ``phi``).
 
     A concrete ``beta`` (a Python or NumPy number, or a JAX array that is not being
-    traced) must be finite and ``>= 0`` in ``acc``: a negative strength rewards
-    non-orthogonality without bound, and NaN or Inf would make every gradient
-    non-finite, so both raise here rather than at the end of a training run. A traced
-    ``beta`` cannot be checked; NaN in it propagates to the value and gradient.
+    traced) is checked against ``acc``, by its exact value:
+
+    * it must be finite and ``>= 0``: a negative strength rewards non-orthogonality
+      without bound, and NaN or Inf would make every gradient non-finite;
+    * it must not overflow ``acc`` (``1e39`` for float32, also under
+      ``jax_enable_x64``, where it is a float64 until it is used);
+    * if it is not 0, it must be at least ``acc``'s smallest normal number
+      (``1.2e-38`` for float32): XLA flushes subnormal numbers to zero (XLA:CPU
+      does, and GPUs and TPUs compute without them), so a ``1e-40`` would act as 0
+      and give a finite wrong value. Rejected, not computed: a strength 38 orders
+      of magnitude below 1 is a units mistake, and float64 ``phi`` takes it.
+
+    Each raises here rather than at the end of a training run. A traced ``beta``
+    cannot be checked; NaN in it propagates to the value and gradient.
     """
     if isinstance(beta, (bool, np.bool_, str, bytes)):
         raise TypeError(
@@ -317,10 +334,9 @@ def check_beta(beta: ArrayLike, acc: jnp.dtype, name: str = "beta") -> jax.Array
             beta = float(beta)
         except OverflowError:
             raise ValueError(f"`{name}`={beta} is too large for a float.") from None
-    if isinstance(beta, float) and not abs(beta) <= float(np.finfo(jnp.result_type(float)).max):
-        raise ValueError(
-            f"`{name}` must be finite and >= 0 (in {jnp.result_type(float)}), got {beta!r}."
-        )
+    if isinstance(beta, float):
+        # Checked as the Python float it is: jnp.asarray would round it to inf or 0.
+        _check_strength(name, beta, beta, acc)
     try:
         beta_arr = jnp.asarray(beta)
     except (TypeError, ValueError, OverflowError) as e:
@@ -337,13 +353,33 @@ def check_beta(beta: ArrayLike, acc: jnp.dtype, name: str = "beta") -> jax.Array
     if not jnp.issubdtype(beta_arr.dtype, jnp.floating):
         beta_arr = beta_arr.astype(acc)
     if not isinstance(beta_arr, jax.core.Tracer):
-        value = np.asarray(beta_arr).astype(np.promote_types(beta_arr.dtype, acc))
-        if not (np.isfinite(value) and value >= 0):
-            raise ValueError(
-                f"`{name}` must be finite and >= 0 (in {jnp.dtype(acc)}), got {beta!r}. "
-                "A negative strength rewards non-orthogonality without bound."
-            )
+        # A NumPy number by its own value (a float64 with x64 off is still exact here).
+        exact = beta if isinstance(beta, (np.generic, np.ndarray)) else beta_arr
+        _check_strength(name, beta, float(np.asarray(exact).astype(np.float64)), acc)
     return beta_arr
+
+
+def _check_strength(name: str, beta: object, value: float, acc: jnp.dtype) -> None:
+    """``value`` (``beta`` exactly, as a Python float) is a strength ``acc`` can hold."""
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"`{name}` must be finite and >= 0 (in {jnp.dtype(acc)}), got {beta!r}. "
+            "A negative strength rewards non-orthogonality without bound."
+        )
+    info = np.finfo(acc)
+    if value > float(info.max):
+        raise ValueError(
+            f"`{name}`={beta!r} overflows {jnp.dtype(acc)} (max {float(info.max):.3g}), the "
+            "dtype it is used in (phi's, or float32 for bfloat16 and float16 phi): the "
+            "result would be inf or NaN."
+        )
+    if 0 < value < float(info.smallest_normal):
+        raise ValueError(
+            f"`{name}`={beta!r} is below the smallest normal {jnp.dtype(acc)} "
+            f"({float(info.smallest_normal):.3g}), the dtype it is used in: XLA flushes "
+            "such subnormal numbers to zero, so it would act as 0. Use 0, a normal value, "
+            "or float64 params (under jax_enable_x64)."
+        )
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:

@@ -82,6 +82,12 @@ class LandingState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]
 
 
+# So that a jax.export of a step with this state in its inputs or outputs serializes.
+jax.export.register_namedtuple_serialization(
+    LandingState, serialized_name="jax_orthopenalty.LandingState"
+)
+
+
 # --------------------------------------------------------------------------- per leaf
 
 

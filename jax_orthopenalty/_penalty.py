@@ -195,7 +195,9 @@ def _column_scale(layout: Layout, phi: jax.Array, acc: Any) -> jax.Array:
     """
     big = jnp.max(jnp.abs(phi), axis=layout.vector_axes, keepdims=True, initial=0).astype(acc)
     _, e = jnp.frexp(big)
-    return jnp.ldexp(jnp.ones(big.shape, phi.dtype), jnp.where(big >= 2.0**32, 32 - e, 0))
+    # ones_like, not ones(shape): on an Explicit mesh the ones carry big's sharding,
+    # which the select inside ldexp requires of its operands.
+    return jnp.ldexp(jnp.ones_like(big, phi.dtype), jnp.where(big >= 2.0**32, 32 - e, 0))
 
 
 def _residual(spec: Spec, phi: jax.Array, acc: Any) -> _Gram:

@@ -107,6 +107,12 @@ class AddOrthogonalityPenaltyState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]
 
 
+# So that a jax.export of a step with this state in its inputs or outputs serializes.
+jax.export.register_namedtuple_serialization(
+    AddOrthogonalityPenaltyState, serialized_name="jax_orthopenalty.AddOrthogonalityPenaltyState"
+)
+
+
 DimensionNumbers: TypeAlias = Any
 """``None``, a pytree of :class:`OrthoDims` or ``None`` (the structure of the params
 or a prefix of it), or a callable from the params to such a pytree."""

@@ -588,7 +588,10 @@ def test_bitwise_deterministic(family: dict[str, bool]) -> None:
         ([0.5], ValueError, r"`beta` must be a scalar"),
         (object(), TypeError, r"`beta` must be a real scalar"),
         (10**400, ValueError, r"`beta`=1000.* is too large for a float"),
-        (10**39, ValueError, r"`beta` must be finite and >= 0 \(in float32\)"),
+        (10**39, ValueError, r"`beta`=1e\+39 overflows float32"),
+        (np.float64(1e39), ValueError, r"`beta`=.*1e\+39\) overflows float32"),
+        (1e-40, ValueError, r"`beta`=1e-40 is below the smallest normal float32"),
+        (np.float32(1e-40), ValueError, r"`beta`=.* is below the smallest normal float32"),
         (-1.0, ValueError, r"`beta` must be finite and >= 0"),
         (-1, ValueError, r"`beta` must be finite and >= 0"),
         (float("nan"), ValueError, r"`beta` must be finite and >= 0"),
@@ -609,6 +612,36 @@ def test_bad_beta_raises_naming_beta(beta: Any, error: type, match: str) -> None
     for call in calls:
         with pytest.raises(error, match=match):
             call()
+
+
+def test_beta_checked_in_the_dtype_it_is_used_in_under_x64() -> None:
+    # A float64 beta that overflows (or is subnormal in) float32 is rejected for
+    # float32 and bfloat16 phi (used in float32), and accepted for float64 phi.
+    with jax.enable_x64(True):
+        for dtype in (jnp.float32, jnp.bfloat16):
+            phi = jnp.eye(3, 2, dtype=dtype)
+            for beta in (1e39, jnp.float64(1e39)):
+                with pytest.raises(ValueError, match=r"overflows float32"):
+                    jop.orthogonality_penalty(phi, beta)
+            with pytest.raises(ValueError, match=r"below the smallest normal float32"):
+                jop.orthogonality_penalty_grad(phi, 1e-40)
+        phi = 2 * jnp.eye(3, 2, dtype=jnp.float64)  # value 6 beta
+        assert float(jop.orthogonality_penalty(phi, 1e39)) == 6e39
+        assert float(jop.orthogonality_penalty(phi, 1e-40)) == pytest.approx(6e-40)
+
+
+def test_key_leaf_with_orthodims_names_the_leaf_and_default_skips_it() -> None:
+    keys = jax.random.split(jax.random.key(0), 6).reshape(2, 3)
+    params = {"w": 2 * jnp.eye(3, 2), "k": keys}
+    with pytest.raises(TypeError, match=r"params leaf \['k'\]: `phi` .* PRNG key array"):
+        jop.tree_orthogonality_penalty(
+            params, 1.0, dimension_numbers={"w": jop.OrthoDims(), "k": jop.OrthoDims()}
+        )
+    want = jop.orthogonality_penalty(params["w"], 1.0)
+    assert float(jop.tree_orthogonality_penalty(params, 1.0)) == float(want)
+    tx = jop.add_orthogonality_penalty(1.0)
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert updates["k"] is params["k"]
 
 
 def test_schedule_beta_is_checked_at_each_update_even_with_no_leaf_selected() -> None:

@@ -17,13 +17,22 @@ back as a typed constant, a shard's value carries varying-axes types), so each r
 run under each of them, crossed with weak and strong scalars.
 
 ``shard_map`` and ``pmap`` run on this process's devices (one CPU device in the test
-process): the manual-axes types are the same on one device as on eight. Partitioning
-across several devices and processes is tested in ``test_sharding.py`` and
-``test_multiprocess.py``.
+process): the manual-axes types are the same on one device as on eight. So does
+``set_mesh``, an Explicit mesh entered with ``jax.set_mesh`` (sharding in types: every
+intermediate must carry a sharding that fits its operands'). Partitioning across
+several devices and processes is tested in ``test_sharding.py``, ``test_set_mesh.py``
+and ``test_multiprocess.py``.
+
+``export`` exports the loss with ``jax.export`` at a symbolic group count ``m``,
+serializes it (with its VJP), deserializes it and calls it at the real shape, as a
+training step exported for several batch or model sizes is. It runs two kinds of beta
+(a constant baked into the export, and a traced argument of it), and ``set_mesh``
+three: each export is a compile of its own, and the other kinds take no other path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +40,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from jax import lax
+from jax import export, lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -62,7 +72,7 @@ def _penalty_family(phi: jax.Array, beta: Any) -> jax.Array:
 
 
 def _penalty_grad(phi: jax.Array, beta: Any) -> jax.Array:
-    return jnp.vdot(jop.orthogonality_penalty_grad(phi, beta), _direction(phi))
+    return _dot(jop.orthogonality_penalty_grad(phi, beta), _direction(phi))
 
 
 def _tree(phi: jax.Array, beta: Any) -> jax.Array:
@@ -74,7 +84,7 @@ def _update(phi: jax.Array, beta: Any) -> jax.Array:
     tx = jop.add_orthogonality_penalty(beta)
     params = {"w": phi, "b": phi[0, 0]}
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-    return jnp.vdot(updates["w"], _direction(phi)) + jnp.sum(updates["b"])
+    return _dot(updates["w"], _direction(phi)) + jnp.sum(updates["b"])
 
 
 def _matrix_norms(phi: jax.Array, beta: Any) -> jax.Array:
@@ -94,8 +104,13 @@ def _manifold(phi: jax.Array, beta: Any) -> jax.Array:
     total = jnp.zeros((), phi.dtype)
     for tx in (jop.landing(beta), jop.project_orthonormal()):
         updates, _ = tx.update(incoming, tx.init(params), params)
-        total = total + jnp.vdot(updates["w"], _direction(phi))
+        total = total + _dot(updates["w"], _direction(phi))
     return total
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    # Not jnp.vdot: it flattens, which a sharded axis (under set_mesh) does not allow.
+    return jnp.sum(a * b)
 
 
 def _direction(phi: jax.Array) -> jax.Array:
@@ -232,6 +247,47 @@ def _shard_map(axis_type: AxisType) -> Callable[[Loss], Any]:
     return wrap
 
 
+MESH = jax.make_mesh((len(jax.devices()),), ("g",), axis_types=(AxisType.Explicit,))
+
+
+def _set_mesh(loss: Loss) -> Any:
+    # Called (and traced) inside `with jax.set_mesh(MESH)`: see test_matrix. The group
+    # axis of every layer is sharded, as part of the type.
+    def total(stack: jax.Array, beta: Any) -> jax.Array:
+        return _loop(loss)(jax.sharding.reshard(stack, P(None, None, "g", None)), beta)
+
+    return total
+
+
+def register_optax_states() -> None:
+    """optax's states, for serializing: optax does not register its own (once)."""
+    for cls in (optax.EmptyState, optax.MaskedState):
+        with contextlib.suppress(ValueError):  # registered already (another module)
+            export.register_namedtuple_serialization(cls, serialized_name=cls.__qualname__)
+
+
+def _export(loss: Loss) -> Any:
+    # The stack's layers (l, m, n) exported with m symbolic, serialized with the VJP,
+    # called back at the real m; beta either baked in (a constant) or an argument.
+    register_optax_states()
+
+    def total(stack: jax.Array, beta: Any) -> jax.Array:
+        (m,) = export.symbolic_shape("m")
+        layers, l, _, n = stack.shape
+        poly = jax.ShapeDtypeStruct((layers, l, m, n), stack.dtype)  # type: ignore[no-untyped-call]
+        if isinstance(beta, jax.core.Tracer):
+            scalar = jax.ShapeDtypeStruct((), jnp.float32)  # type: ignore[no-untyped-call]
+            exported = export.export(jax.jit(_loop(loss)))(poly, scalar)
+            args: tuple[Any, ...] = (stack, beta)
+        else:
+            exported = export.export(jax.jit(lambda s: _loop(loss)(s, beta)))(poly)
+            args = (stack,)
+        restored = export.deserialize(exported.serialize(vjp_order=1))
+        return restored.call(*args)
+
+    return total
+
+
 def _pmap(loss: Loss) -> Any:
     def total(stack: jax.Array, beta: Any) -> jax.Array:
         n = len(jax.devices())
@@ -257,6 +313,14 @@ TRANSFORMATIONS: dict[str, Callable[[Loss], Any]] = {
     "shard_map_auto": _shard_map(AxisType.Auto),
     "shard_map_explicit": _shard_map(AxisType.Explicit),
     "pmap": _pmap,
+    "set_mesh": _set_mesh,
+    "export": _export,
+}
+
+# The beta kinds of each transformation: all of them, but for the two slowest columns.
+KINDS: dict[str, tuple[str, ...]] = {
+    "export": ("python_float", "traced"),
+    "set_mesh": ("python_float", "jax_strong", "traced"),
 }
 
 
@@ -290,21 +354,45 @@ def _reference(entry: str, transform: str, beta_kind: str) -> tuple[jax.Array, A
     return jax.value_and_grad(plain, argnums=(0, 1) if traced else 0)(PHI, beta)
 
 
-@pytest.mark.parametrize("beta_kind", list(BETAS))
-@pytest.mark.parametrize("transform", list(TRANSFORMATIONS))
-@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+# jax 0.10's JVP of jnp.linalg.svd (its _construct_diagonal) broadcasts a sharded
+# batch of singular values to an unsharded type and raises under an Explicit mesh:
+# differentiating *through* project_orthonormal's SVD route fails there. The update
+# itself works under set_mesh (test_set_mesh.py). Strict: it shows when jax fixes it.
+_SVD_JVP_UNDER_SET_MESH = pytest.mark.xfail(
+    raises=ValueError, strict=True, reason="jax: svd's JVP under an Explicit mesh"
+)
+
+
+def _case(entry: str, transform: str, beta_kind: str) -> Any:
+    if (entry, transform) == ("landing_project", "set_mesh"):
+        return pytest.param(entry, transform, beta_kind, marks=_SVD_JVP_UNDER_SET_MESH)
+    return (entry, transform, beta_kind)
+
+
+@pytest.mark.parametrize(
+    ("entry", "transform", "beta_kind"),
+    [
+        _case(entry, transform, beta_kind)
+        for entry in ENTRY_POINTS
+        for transform in TRANSFORMATIONS
+        for beta_kind in KINDS.get(transform, tuple(BETAS))
+    ],
+)
 def test_matrix(entry: str, transform: str, beta_kind: str) -> None:
     case = TRANSFORMATIONS[transform](ENTRY_POINTS[entry])
     want_value, want_grad = _reference(
         entry, "grad_of_grad" if transform == "grad_of_grad" else "", beta_kind
     )
-    if beta_kind == "traced":
-        args: tuple[Any, ...] = (PHI, jnp.float32(BETA))
-        got_value, got_grad = jax.jit(jax.value_and_grad(case, argnums=(0, 1)))(*args)
-    else:
-        const = BETAS[beta_kind]
-        f = jax.value_and_grad(lambda stack: case(stack, const))
-        got_value, got_grad = jax.jit(f)(PHI)
+    # jax.set_mesh cannot be entered under jax.jit: it wraps the traced call.
+    mesh = jax.set_mesh(MESH) if transform == "set_mesh" else contextlib.nullcontext()
+    with mesh:
+        if beta_kind == "traced":
+            args: tuple[Any, ...] = (PHI, jnp.float32(BETA))
+            got_value, got_grad = jax.jit(jax.value_and_grad(case, argnums=(0, 1)))(*args)
+        else:
+            const = BETAS[beta_kind]
+            f = jax.value_and_grad(lambda stack: case(stack, const))
+            got_value, got_grad = jax.jit(f)(PHI)
 
     np.testing.assert_allclose(got_value, want_value, rtol=2e-5, atol=1e-5)
     for got, want in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
@@ -132,7 +133,7 @@ Rows are tried in order; the first whose class (or a base of the module's class)
 parameter and condition match gives the layout. A parameter no row matches is skipped.
 """
 
-_PACKAGES = {"linen": "flax.linen", "nnx": "flax.nnx", "equinox": "equinox.nn"}
+_PACKAGES = MappingProxyType({"linen": "flax.linen", "nnx": "flax.nnx", "equinox": "equinox.nn"})
 
 
 # --------------------------------------------------------------------------- layouts
@@ -425,7 +426,7 @@ def dimension_numbers_for(
 
 # --------------------------------------------------------------------------- docs
 
-_PREFIX = {"linen": "nn.", "nnx": "nnx.", "equinox": "eqx.nn."}
+_PREFIX = MappingProxyType({"linen": "nn.", "nnx": "nnx.", "equinox": "eqx.nn."})
 
 
 def _run_names(row: Row, role: str) -> list[str]:

@@ -55,7 +55,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -72,6 +71,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax_orthopenalty as jop
+from benchmarks import _machine
 from jax_orthopenalty import _contract
 
 REGIMES: list[tuple[int, int, int]] = [
@@ -373,34 +373,9 @@ def run_regime(
 # --------------------------------------------------------------------------- report
 
 
-def _package() -> str:
-    """Where the benchmarked package lives: this checkout's, or another copy."""
-    package = Path(jop.__file__).resolve().parent
-    root = Path(__file__).resolve().parents[1]
-    return str(package.relative_to(root)) if package.is_relative_to(root) else "another copy"
-
-
 def machine() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "package": _package(),
-        "devices": [str(d) for d in jax.devices()],
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    info = _machine.machine()
+    info["date_utc"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     if torch is not None:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()

@@ -61,7 +61,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -81,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import itertools
 
 import jax_orthopenalty as jop
+from benchmarks import _machine
 
 BETA = 1e-3
 LEARNING_RATE = 1e-3
@@ -525,36 +525,10 @@ def run_model(name: str, quick: bool, reps: int, compile_reps: int) -> dict[str,
 # --------------------------------------------------------------------------- report
 
 
-def _package() -> str:
-    package = Path(jop.__file__).resolve().parent
-    root = Path(__file__).resolve().parents[1]
-    return str(package.relative_to(root)) if package.is_relative_to(root) else "another copy"
-
-
 def machine() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     import flax
 
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "package": _package(),
-    }
+    return {**_machine.machine(), "flax": flax.__version__, "optax": optax.__version__}
 
 
 def _ms(x: float) -> str:

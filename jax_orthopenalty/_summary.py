@@ -22,6 +22,7 @@ from ._transform import (
     DimensionNumbers,
     MaskOrFn,
     _check_mask,
+    _default_skip,
     _is_hole,
     _masked_view,
     _select,
@@ -30,17 +31,6 @@ from ._transform import (
 __all__ = ["summary"]
 
 _HEADER = ("leaf", "shape", "dtype", "selected", "vectors", "column", "groups", "l", "n", "notes")
-
-
-def _default_skip(x: Any) -> str | None:
-    """Why ``dimension_numbers=None`` skips ``x``, or None where it selects it."""
-    ndim = len(x.shape)
-    if ndim < 2:
-        return f"no: rank {ndim} < 2"
-    dtype = x.dtype
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)):
-        return f"no: dtype {dtype} is not floating"
-    return None
 
 
 def _zero_groups(x: Any, layout: Layout) -> int:
@@ -53,13 +43,11 @@ def _zero_groups(x: Any, layout: Layout) -> int:
     return int(np.sum(zero))
 
 
-def _notes(x: Any, layout: Layout, default: bool) -> list[str]:
-    l = math.prod(x.shape[a] for a in layout.vector_axes)
-    n = x.shape[layout.column_axis]
+def _notes(x: Any, layout: Layout, l: int, n: int, default: bool) -> list[str]:
     notes = []
     if n > l:
         notes.append("n > l: use the rows")
-    if default and len(x.shape) >= 3:
+    if default and layout.ndim >= 3:
         notes.append("rank >= 3 by default: see dimension_numbers_for")
     zeros = _zero_groups(x, layout)
     if zeros:
@@ -71,20 +59,23 @@ def _row(path: Any, x: Any, masked: bool, dims: Any, default: bool) -> tuple[str
     where = jax.tree_util.keystr(path) or "(root)"
     if x is None:
         return (where, "", "", "no: None leaf", "", "", "", "", "", "")
-    shape, dtype = str(tuple(x.shape)), str(x.dtype)
-    head = (where, shape, dtype)
+    # jnp.shape and result_type: arrays, abstract values and Python numbers alike.
+    shape = jnp.shape(x)
+    head = (where, str(shape), str(jnp.result_type(x)))
     blank = ("",) * 6
     if masked:
         return (*head, "no: masked out by `mask`", *blank)
     if dims is None:
-        reason = _default_skip(x) if default else "no: `dimension_numbers` gives None"
-        return (*head, reason or "no", *blank)
+        # dims is None under the default selection exactly where _default_skip says why.
+        reason = _default_skip(x) if default else "`dimension_numbers` gives None"
+        return (*head, f"no: {reason}", *blank)
     try:
-        layout = make_layout(len(x.shape), dims.vector_axis, dims.column_axis)
+        layout = make_layout(len(shape), dims.vector_axis, dims.column_axis)
     except (ValueError, TypeError) as e:
         return (*head, "error", "", "", "", "", "", str(e))
-    groups = math.prod(x.shape[a] for a in layout.group_axes)
-    l = math.prod(x.shape[a] for a in layout.vector_axes)
+    groups = math.prod(shape[a] for a in layout.group_axes)
+    l = math.prod(shape[a] for a in layout.vector_axes)
+    n = shape[layout.column_axis]
     vectors = (
         str(layout.vector_axes[0]) if len(layout.vector_axes) == 1 else str(layout.vector_axes)
     )
@@ -95,8 +86,8 @@ def _row(path: Any, x: Any, masked: bool, dims: Any, default: bool) -> tuple[str
         str(layout.column_axis),
         str(groups),
         str(l),
-        str(x.shape[layout.column_axis]),
-        "; ".join(_notes(x, layout, default)),
+        str(n),
+        "; ".join(_notes(x, layout, l, n, default)),
     )
 
 

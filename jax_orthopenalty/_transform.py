@@ -171,11 +171,23 @@ def _mask_for_optax(mask: MaskOrFn) -> MaskOrFn:
     return mask
 
 
+def _default_skip(x: Any) -> str | None:
+    """Why ``dimension_numbers=None`` skips the array ``x``, or None if it selects it.
+
+    The default selection: every floating array of rank >= 2.
+    """
+    ndim = jnp.ndim(x)
+    if ndim < 2:
+        return f"rank {ndim} < 2"
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return f"dtype {dtype} is not floating"
+    return None
+
+
 def _is_default_target(x: Any) -> bool:
-    """Penalised by ``dimension_numbers=None``: a floating array of rank >= 2."""
-    if _is_hole(x) or jnp.ndim(x) < 2:
-        return False
-    return bool(jnp.issubdtype(jnp.result_type(x), jnp.floating))
+    """Penalised by ``dimension_numbers=None`` (see ``_default_skip``)."""
+    return not _is_hole(x) and _default_skip(x) is None
 
 
 def _is_prefix(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:

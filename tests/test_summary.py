@@ -162,3 +162,23 @@ def test_the_readme_shows_the_real_output() -> None:
     shown = "\n".join(line[2:] for line in block.group(1).splitlines())
     params = {"conv": jnp.ones((3, 3, 3, 8)), "bias": jnp.zeros(8), "head": jnp.ones((8, 10))}
     assert shown == jop.summary(params)
+
+
+def test_python_numbers_and_keys_are_listed_as_the_transforms_skip_them() -> None:
+    # The transforms take params with Python-number and PRNG-key leaves (and skip
+    # them): the summary lists them with the same reasons instead of failing.
+    params = {
+        "lr": 1.5,
+        "key": jax.random.key(0),
+        "keys": jax.random.split(jax.random.key(1), (2, 2)),
+        "w": jnp.ones((3, 2)),
+    }
+    rows = _rows(jop.summary(params))
+    assert rows["['lr']"][1:4] == ["()", "float32", "no: rank 0 < 2"]
+    assert rows["['key']"][3] == "no: rank 0 < 2"
+    assert rows["['keys']"][3] == "no: dtype key<fry> is not floating"
+    assert rows["['w']"][3] == "yes"
+    tx = jop.add_orthogonality_penalty(1.0)
+    u, _ = tx.update({**params, "w": jnp.zeros((3, 2))}, tx.init(params), params)
+    assert bool(jnp.any(u["w"] != 0))
+    assert u["lr"] == 1.5 and u["key"] is params["key"] and u["keys"] is params["keys"]

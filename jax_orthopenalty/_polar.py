@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, cast
 
 import jax
@@ -93,7 +94,7 @@ def _coefficients(degree: int) -> list[float]:
 def radii(dtype: Any) -> tuple[float, ...]:
     r"""Per degree of :data:`DEGREES`: the largest bound :math:`\rho` on
     :math:`\|E\|_2` for which the series' tail is below half of ``dtype``'s epsilon."""
-    target = float(jnp.finfo(dtype).eps) / 2
+    target = float(np.finfo(dtype).eps) / 2
     out = []
     for d in DEGREES:
         c = abs(_coefficients(d + 1)[-1])
@@ -196,13 +197,13 @@ def _polar_svd(layout: Layout, y: jax.Array, precision: Any) -> jax.Array:
         # XLA's partitioner inserts the same gather.
         spec = (*sharding.spec, *(None,) * (t.ndim - len(sharding.spec)))
         whole = PartitionSpec(*spec[:g], *(None,) * (t.ndim - g))  # type: ignore[no-untyped-call]
-        t = jax.sharding.reshard(t, NamedSharding(sharding.mesh, whole))
+        t = jax.sharding.reshard(t, NamedSharding(sharding.mesh, whole))  # type: ignore[no-untyped-call]
     l = math.prod(t.shape[g:-1])
     # Only the vector axes are merged (into l): the group axes stay batch axes.
     u, _, vt = jnp.linalg.svd(t.reshape((*t.shape[:g], l, t.shape[-1])), full_matrices=False)
     q = jnp.matmul(u, vt, precision=precision).reshape(t.shape)
     if sharding is not None:
-        q = jax.sharding.reshard(q, sharding)
+        q = jax.sharding.reshard(q, sharding)  # type: ignore[no-untyped-call]
     return jnp.transpose(q, tuple(int(a) for a in np.argsort(perm)))
 
 
@@ -234,12 +235,12 @@ def _polar_primal(layout: Layout, y: jax.Array, precision: Any) -> jax.Array:
         rho = jnp.sqrt(_frobenius(e2))  # >= ||E||_2, as E is symmetric
         # The first degree whose radius holds; NaN passes every test and falls back.
         index = jnp.sum(~(rho <= jnp.asarray(bounds[1:], rho.dtype)))
-        branches = [
-            lambda d=d: _contract.apply(
-                layout, y, _series(e, e2, d, precision), precision=precision
-            )
-            for d in DEGREES[1:]
-        ]
+
+        def truncated(degree: int) -> Callable[[], jax.Array]:
+            m = functools.partial(_series, e, e2, degree, precision)
+            return lambda: _contract.apply(layout, y, m(), precision=precision)
+
+        branches = [truncated(d) for d in DEGREES[1:]]
         branches.append(lambda: _polar_exact(layout, y, c, e, precision))
         return cast(jax.Array, jax.lax.switch(index, branches))
 
@@ -293,4 +294,5 @@ def polar(layout: Layout, y: jax.Array, *, precision: Any) -> jax.Array:
         )
         return q, _times(layout, q, omega, precision) + normal
 
-    return cast(jax.Array, fn(y))
+    out: jax.Array = fn(y)
+    return out

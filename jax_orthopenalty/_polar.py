@@ -207,6 +207,16 @@ def _polar_svd(layout: Layout, y: jax.Array, precision: Any) -> jax.Array:
     return jnp.transpose(q, tuple(int(a) for a in np.argsort(perm)))
 
 
+SVD_SCOPE = "polar_svd_fallback"
+"""The name scope of the SVD route: its ops (and any gather of a sharded group) carry
+it in their HLO ``op_name`` metadata."""
+
+
+def _named_svd(layout: Layout, y: jax.Array, precision: Any) -> jax.Array:
+    with jax.named_scope(SVD_SCOPE):
+        return _polar_svd(layout, y, precision)
+
+
 def _polar_exact(
     layout: Layout, y: jax.Array, c: jax.Array, e: jax.Array, precision: Any
 ) -> jax.Array:
@@ -217,7 +227,7 @@ def _polar_exact(
         jax.lax.cond(
             near,
             lambda: _polar_eigh(layout, y, c, precision),
-            lambda: _polar_svd(layout, y, precision),
+            lambda: _named_svd(layout, y, precision),
         ),
     )
 

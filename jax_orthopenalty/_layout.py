@@ -386,3 +386,13 @@ def accumulation_dtype(dtype: Any) -> jnp.dtype:
     """float32 for the half types; the dtype itself otherwise."""
     dtype = jnp.dtype(dtype)
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype  # type: ignore[no-any-return]
+
+
+def zero_groups(x: Any, layout: Layout) -> int:
+    """How many groups of a concrete ``x`` are all zero (0 for a traced or abstract x)."""
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, (jax.Array, np.ndarray)):
+        return 0
+    if x.size == 0:
+        return 0
+    zero = np.all(np.asarray(x) == 0, axis=(*layout.vector_axes, layout.column_axis))
+    return int(np.sum(zero))

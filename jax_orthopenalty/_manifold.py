@@ -31,6 +31,7 @@ matrices :math:`X^\top X`, cross Gram matrices :math:`G^\top X` and products
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -45,6 +46,7 @@ from ._layout import (
     check_beta,
     check_phi,
     make_layout,
+    zero_groups,
 )
 from ._polar import NEAR_ORTHONORMAL as NEAR_ORTHONORMAL
 from ._polar import polar
@@ -55,6 +57,7 @@ from ._transform import (
     _map_selected,
     _no_params,
     _on_leaf,
+    _select,
     _transformation,
 )
 
@@ -253,6 +256,33 @@ def _map_leaves(
     return _map_selected(one, updates, params, dimension_numbers)
 
 
+def _warn_zero_groups(params: Any, dimension_numbers: DimensionNumbers) -> None:
+    """Warns, naming the leaf, where a selected group of concrete params is all zero.
+
+    The landing field is exactly 0 at :math:`X = 0` (both terms are products with
+    :math:`X`), so landing never moves a zero-initialised group. Traced params (init
+    under jit) are not checked.
+    """
+    _, leaves = _select(params, dimension_numbers)
+    for leaf in leaves:
+        if leaf.dims is None or not hasattr(leaf.phi, "ndim"):
+            continue
+        try:
+            layout = make_layout(leaf.phi.ndim, leaf.dims.vector_axis, leaf.dims.column_axis)
+        except (ValueError, TypeError):
+            continue  # update raises, naming the leaf
+        if zero_groups(leaf.phi, layout):
+            where = jax.tree_util.keystr(leaf.path) or "the root"
+            warnings.warn(
+                f"landing: params leaf {where} has a group that is all zero. The landing "
+                "field is exactly 0 at X = 0, so landing never moves it: initialise it "
+                "(orthogonal init, e.g. jax.nn.initializers.orthogonal()), or skip the "
+                "leaf with None in dimension_numbers.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
 # --------------------------------------------------------------------------- public
 
 
@@ -435,7 +465,7 @@ def landing(
             raise ValueError(f"`safe_step` must be > 0 (the band's radius), got {safe_step!r}.")
 
     def init_fn(params: Any) -> LandingState:
-        del params
+        _warn_zero_groups(params, dimension_numbers)
         return LandingState(count=jnp.zeros([], jnp.int32))
 
     def update_fn(

@@ -14,10 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from ._layout import Layout, make_layout
+from ._layout import Layout, make_layout, zero_groups
 from ._transform import (
     DimensionNumbers,
     MaskOrFn,
@@ -33,23 +32,13 @@ __all__ = ["summary"]
 _HEADER = ("leaf", "shape", "dtype", "selected", "vectors", "column", "groups", "l", "n", "notes")
 
 
-def _zero_groups(x: Any, layout: Layout) -> int:
-    """How many groups of a concrete ``x`` are all zero (0 for a traced or abstract x)."""
-    if isinstance(x, jax.core.Tracer) or not isinstance(x, (jax.Array, np.ndarray)):
-        return 0
-    if x.size == 0:
-        return 0
-    zero = np.all(np.asarray(x) == 0, axis=(*layout.vector_axes, layout.column_axis))
-    return int(np.sum(zero))
-
-
 def _notes(x: Any, layout: Layout, l: int, n: int, default: bool) -> list[str]:
     notes = []
     if n > l:
         notes.append("n > l: use the rows")
     if default and layout.ndim >= 3:
         notes.append("rank >= 3 by default: see dimension_numbers_for")
-    zeros = _zero_groups(x, layout)
+    zeros = zero_groups(x, layout)
     if zeros:
         notes.append(f"{zeros} all-zero group{'s' * (zeros > 1)}: landing can't move")
     return notes

@@ -42,7 +42,8 @@ def polar_jvp_ref(y: Any, dy: Any) -> np.ndarray:
     return q @ omega + (dy - q @ (q.T @ dy)) @ v @ np.diag(1 / s) @ v.T
 
 
-def _project(y: jax.Array, dims: OrthoDims = OrthoDims()) -> jax.Array:
+def _project(y: jax.Array, dims: OrthoDims | None = None) -> jax.Array:
+    dims = OrthoDims() if dims is None else dims
     layout = make_layout(y.ndim, dims.vector_axis, dims.column_axis)
     return _polar.polar(layout, y, precision=HIGHEST)
 

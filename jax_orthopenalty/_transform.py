@@ -384,6 +384,7 @@ try:  # not public in jax 0.10; where it moves, those errors pass through unname
     _SHARDING_ERRORS: tuple[type[Exception], ...] = (_ShardingTypeError,)
 except ImportError:  # pragma: no cover
     _SHARDING_ERRORS = ()
+_NAMED_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, *_SHARDING_ERRORS)
 
 
 def _on_leaf(fn: Any, leaf: _Leaf, beta: Any, options: dict[str, Any]) -> jax.Array:
@@ -404,7 +405,7 @@ def _on_leaf(fn: Any, leaf: _Leaf, beta: Any, options: dict[str, Any]) -> jax.Ar
                 **options,
             ),
         )
-    except (ValueError, TypeError, *_SHARDING_ERRORS) as e:
+    except _NAMED_ERRORS as e:
         where = jax.tree_util.keystr(leaf.path) or "the root"
         raise type(e)(f"params leaf {where}: {e}") from e
 

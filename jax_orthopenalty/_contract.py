@@ -6,6 +6,9 @@ is one of two contractions over the groups :math:`\Phi_i` (:math:`l \times n`):
 * :func:`gram`: :math:`C_i = \Phi_i^\top \Phi_i`, shaped ``(groups..., n, n)``;
 * :func:`apply`: :math:`\Phi_i M_i`, shaped like ``phi``.
 
+For complex ``phi`` the Gram is :math:`C_i = \Phi_i^H \Phi_i` (the first operand
+conjugated, in every formulation) and the product stays :math:`\Phi_i M_i`.
+
 Both are written once as an ``einsum`` over the layout's subscripts (the definition,
 and the fallback). How XLA lowers that einsum depends a lot on the shape: a group axis
 in the middle of ``phi`` (the default ``(l, m, n)`` layout) makes it a batched dot with
@@ -296,10 +299,11 @@ def _with_batch(x: jax.Array, size: int, batched: bool) -> jax.Array:
 
 
 def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Array:
-    r"""The Gram matrices :math:`\Phi_i^\top\Phi_i`, ``(groups..., n, n)``, in ``acc``.
+    r"""The Gram matrices :math:`\Phi_i^H\Phi_i`, ``(groups..., n, n)``, in ``acc``.
 
-    Equal to ``jnp.einsum(layout.gram_subscripts, phi, phi, precision=precision,
-    preferred_element_type=acc)`` up to the order of summation. Under :func:`jax.vmap`
+    Equal to ``jnp.einsum(layout.gram_subscripts, phi.conj(), phi, precision=precision,
+    preferred_element_type=acc)`` up to the order of summation (``conj`` is the
+    identity for real ``phi``). Under :func:`jax.vmap`
     the batch axis becomes a group axis (see above).
     """
 
@@ -314,12 +318,12 @@ def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Arr
     inner.def_vmap(vmap_rule)
 
     def jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
-        # d(P^T P) = P^T dP + (P^T dP)^T: exactly symmetric, as C is.
+        # d(P^H P) = P^H dP + (P^H dP)^H: exactly Hermitian (symmetric), as C is.
         (p,), (dp,) = primals, tangents
         # The primal through `outer`, not `inner`: at the next order of
         # differentiation it is this rule again, never custom_vmap, which has none.
         y = _gram(layout, p, dp, precision, acc)
-        return outer(p), y + jnp.swapaxes(y, -1, -2)
+        return outer(p), y + _adjoint(y)
 
     outer = jax.custom_jvp(inner)
     outer.defjvp(jvp)
@@ -327,8 +331,17 @@ def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Arr
     return out
 
 
+def _adjoint(a: jax.Array) -> jax.Array:
+    """The conjugate transpose of the last two axes (the transpose, for real ``a``)."""
+    return jnp.conj(jnp.swapaxes(a, -1, -2))
+
+
 def _gram(layout: Layout, x: jax.Array, y: jax.Array, precision: Any, acc: Any) -> jax.Array:
-    """``x_i^T y_i`` for every group, ``(groups..., n, n)``, in the chosen formulation."""
+    """``x_i^H y_i`` for every group, ``(groups..., n, n)``, in the chosen formulation.
+
+    Each formulation conjugates its first operand after its transposes, so that
+    ``y is x`` still shares them.
+    """
     explicit = explicit_sharding(x) is not None
     how = "einsum" if x.size == 0 or explicit else choose(layout, x.shape, acc, precision, "gram")
     if how == "unrolled":
@@ -339,7 +352,7 @@ def _gram(layout: Layout, x: jax.Array, y: jax.Array, precision: Any, acc: Any) 
         return _gram_batched(layout, x, y, precision, acc)
     return jnp.einsum(
         layout.gram_subscripts,
-        x,
+        jnp.conj(x),
         y,
         precision=precision,
         preferred_element_type=acc,
@@ -353,24 +366,25 @@ def _gram_batched(
     if _use_nt(layout, x.shape):
         tx = _columns_first(layout, x)
         ty = tx if y is x else _columns_first(layout, y)
-        return _gram_dot_nt(layout, tx, ty, precision, acc)
+        return _gram_dot_nt(layout, jnp.conj(tx), ty, precision, acc)
     tx = _batch_first(layout, x)
     ty = tx if y is x else _batch_first(layout, y)
-    return _gram_dot(layout, tx, ty, precision, acc)
+    return _gram_dot(layout, jnp.conj(tx), ty, precision, acc)
 
 
 def _gram_halves(layout: Layout, phi: jax.Array, precision: Any, acc: Any) -> jax.Array:
-    # C = [[A^T A, A^T B], [B^T A, B^T B]] for the column halves [A B]: the lower
-    # block is the transpose of the upper one, so three quarter-size dots do it.
+    # C = [[A^H A, A^H B], [B^H A, B^H B]] for the column halves [A B]: the lower
+    # block is the adjoint of the upper one, so three quarter-size dots do it.
     t = _batch_first(layout, phi)
     n = t.shape[-1]
     a, b = t[..., : n // 2], t[..., n // 2 :]
-    aa, bb = _gram_dot(layout, a, a, precision, acc), _gram_dot(layout, b, b, precision, acc)
-    ab = _gram_dot(layout, a, b, precision, acc)
+    ca, cb = jnp.conj(a), jnp.conj(b)
+    aa, bb = _gram_dot(layout, ca, a, precision, acc), _gram_dot(layout, cb, b, precision, acc)
+    ab = _gram_dot(layout, ca, b, precision, acc)
     return jnp.concatenate(
         [
             jnp.concatenate([aa, ab], axis=-1),
-            jnp.concatenate([jnp.swapaxes(ab, -1, -2), bb], axis=-1),
+            jnp.concatenate([_adjoint(ab), bb], axis=-1),
         ],
         axis=-2,
     )
@@ -382,6 +396,7 @@ def _gram_unrolled(layout: Layout, x: jax.Array, y: jax.Array, acc: Any) -> jax.
     perm = (*layout.vector_axes, *layout.group_axes, layout.column_axis)
     tx = jnp.transpose(x, perm).astype(acc)
     ty = tx if y is x else jnp.transpose(y, perm).astype(acc)
+    tx = jnp.conj(tx)
     rows = np.ndindex(*tx.shape[: len(layout.vector_axes)])
     first = next(rows)
     total = _outer(tx[first], ty[first])

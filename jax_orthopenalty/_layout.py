@@ -25,6 +25,7 @@ from jax.typing import ArrayLike
 from ._rules import Norm, Rule, Subgradient, make_rule, subgradient_fn
 
 __all__ = [
+    "COMPLEX_PATHS",
     "DEFAULT_PRECISION",
     "NORMALIZE_EPS",
     "Layout",
@@ -37,6 +38,7 @@ __all__ = [
     "check_phi",
     "make_layout",
     "make_spec",
+    "real_dtype",
 ]
 
 DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
@@ -222,6 +224,14 @@ def make_spec(
         double_sided=check_flag("double_sided", double_sided),
         normalize_eps=check_normalize_eps(normalize_eps),
     )
+    if jnp.issubdtype(phi.dtype, jnp.complexfloating) and spec.rule.per_group:
+        # The matrix norms' derivative rules (eigh's Daleckii-Krein jvp, the max's
+        # ties) are derived for real symmetric X only.
+        raise TypeError(
+            f"norm={norm!r} does not support complex `phi` ({jnp.dtype(phi.dtype)}): the "
+            "unitary penalty on Phi^H Phi - I is defined for the entrywise norms ('l1', "
+            "'squared', huber(delta))."
+        )
     if spec.double_sided and spec.rule.per_group:
         # The row term of a matrix norm is not a sum over entries of the l x l residual:
         # for the spectral norm it is max(column term, [l > n]), so it adds nothing but a
@@ -258,7 +268,10 @@ def make_spec(
 def _check_derivative(
     fn: Callable[[jax.Array], jax.Array], subgradient: Subgradient, shape: Any, dtype: Any
 ) -> None:
-    """The derivative maps an array ``x`` to a real floating array of ``x``'s shape."""
+    """The derivative maps an array ``x`` to a floating array of ``x``'s shape.
+
+    Real for a real ``x``, complex for a complex one.
+    """
     probe = jax.ShapeDtypeStruct(shape, dtype)  # type: ignore[no-untyped-call]
     try:
         out = jax.eval_shape(fn, probe)
@@ -273,15 +286,36 @@ def _check_derivative(
             f"`subgradient` {subgradient!r} must map an array x to an array of x's shape, "
             f"got {got} for the residual X of shape {probe.shape}."
         )
-    if not jnp.issubdtype(out.dtype, jnp.floating):
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        # For complex x the derivative of |x| is x / |x| away from 0: complex. A real
+        # result is a convention written for real residuals (sign of the real part?),
+        # not a subgradient of |x|; it would be cast and used silently.
+        if not jnp.issubdtype(out.dtype, jnp.complexfloating):
+            raise TypeError(
+                f"`subgradient` {subgradient!r} must return a complex array for the "
+                f"complex residual X ({jnp.dtype(dtype)}): the derivative of |x| is x / |x| "
+                f"away from 0, with |s| <= 1 at 0. Got dtype {out.dtype}."
+            )
+    elif not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(
             f"`subgradient` {subgradient!r} must return a real floating array, got dtype "
             f"{out.dtype} for the residual X of dtype {jnp.dtype(dtype)}."
         )
 
 
-def check_phi(phi: ArrayLike) -> jax.Array:
-    """Converts ``phi`` to an array and checks that its dtype is real floating."""
+COMPLEX_PATHS = (
+    "orthogonality_penalty, orthogonality_penalty_grad, orthogonality_error, "
+    "tree_orthogonality_penalty and add_orthogonality_penalty"
+)
+"""The entry points that take complex (unitary) groups, for error messages."""
+
+
+def check_phi(phi: ArrayLike, *, allow_complex: bool = False) -> jax.Array:
+    r"""Converts ``phi`` to an array and checks its dtype.
+
+    Real floating always; complex (``complex64``, ``complex128``: unitary groups,
+    :math:`\Phi_i^H\Phi_i - I`) only where the caller says it supports it.
+    """
     if not hasattr(phi, "dtype"):
         phi = jnp.asarray(phi, dtype=float)
     if jnp.issubdtype(phi.dtype, jax.dtypes.prng_key):
@@ -292,14 +326,18 @@ def check_phi(phi: ArrayLike) -> jax.Array:
         )
     dtype = jnp.dtype(phi.dtype)
     if jnp.issubdtype(dtype, jnp.complexfloating):
+        if allow_complex:
+            return jnp.asarray(phi)
         raise TypeError(
-            f"`phi` must be real floating point, got {dtype}. Complex Phi^H Phi is not "
-            "supported: penalise the real representation [[Re, -Im], [Im, Re]] instead."
+            f"`phi` must be real floating point here, got {dtype}: this path does not "
+            f"support complex parameters. Complex (unitary) groups, Phi^H Phi - I, are "
+            f"supported by {COMPLEX_PATHS}."
         )
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"`phi` must have a floating dtype (float16, bfloat16, float32, float64), got {dtype}."
+        kinds = "float16, bfloat16, float32, float64" + (
+            ", complex64, complex128" if allow_complex else ""
         )
+        raise TypeError(f"`phi` must have a floating dtype ({kinds}), got {dtype}.")
     return jnp.asarray(phi)
 
 
@@ -383,7 +421,7 @@ def _check_strength(name: str, beta: object, value: float, acc: jnp.dtype) -> No
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
-    """float32 for the half types; the dtype itself otherwise."""
+    """float32 for the half types; the dtype itself otherwise (complex64 stays complex64)."""
     dtype = jnp.dtype(dtype)
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype  # type: ignore[no-any-return]
 
@@ -396,3 +434,8 @@ def zero_groups(x: Any, layout: Layout) -> int:
         return 0
     zero = np.all(np.asarray(x) == 0, axis=(*layout.vector_axes, layout.column_axis))
     return int(np.sum(zero))
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """The real dtype of ``dtype``'s values: float32 for complex64, the dtype itself if real."""
+    return jnp.dtype(np.empty(0, jnp.dtype(dtype)).real.dtype)

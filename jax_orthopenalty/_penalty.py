@@ -49,6 +49,7 @@ from ._layout import (
     check_phi,
     make_layout,
     make_spec,
+    real_dtype,
 )
 from ._rules import SQUARED, Norm, Subgradient, make_rule
 
@@ -66,8 +67,9 @@ def _eye(n: int, ndim: int, dtype: Any) -> jax.Array:
     return jnp.eye(n, dtype=dtype).reshape((1,) * (ndim - 2) + (n, n))
 
 
-def _swap(a: jax.Array) -> jax.Array:
-    return jnp.swapaxes(a, -1, -2)
+def _adjoint(a: jax.Array) -> jax.Array:
+    """The conjugate transpose of the last two axes (the transpose, for real ``a``)."""
+    return jnp.conj(jnp.swapaxes(a, -1, -2))
 
 
 def _gram(spec: Spec, phi: jax.Array, acc: Any) -> jax.Array:
@@ -100,10 +102,10 @@ def _row_block(spec: Spec, psi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Arr
     layout = spec.layout
     vec_shape = tuple(psi.shape[a] for a in layout.vector_axes)
     lsize = math.prod(vec_shape)
-    row = jnp.einsum(
+    row = jnp.einsum(  # Psi Psi^H
         layout.row_gram_subscripts,
         psi,
-        psi,
+        jnp.conj(psi),
         precision=spec.precision,
         preferred_element_type=acc,
         out_sharding=_contract.group_out_sharding(layout, psi, 2 * len(layout.vector_axes)),
@@ -112,7 +114,7 @@ def _row_block(spec: Spec, psi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Arr
     y = row - eye
     fy, dy = spec.rule.value(y), _derivative(spec, y, axes=tuple(range(-2 * len(vec_shape), 0)))
     if spec.off_diagonal:
-        fy, dy = fy * (1 - eye), dy * (1 - eye)
+        fy, dy = fy * jnp.real(1 - eye), dy * (1 - eye)
     return jnp.sum(fy), dy
 
 
@@ -127,7 +129,8 @@ def _row_block_squared(
     :math:`\Psi`. Without the diagonal, :math:`\sum_{a \ne b} Y_{ab}^2 = \|X\|^2 -
     \sum_a \rho_a^2 + l - n` for the rows' :math:`\rho_a = |\psi_a|^2 - 1`, with
     gradient :math:`4\Psi X - 4\rho \odot \Psi`. Both are exact identities; no
-    :math:`l \times l` matrix is formed.
+    :math:`l \times l` matrix is formed. For complex :math:`\Psi` the same holds with
+    :math:`\Psi\Psi^H`, :math:`\Psi^H\Psi` and moduli :math:`|Y_{ab}|^2`.
 
     Returns:
       The term's sum, :math:`4X` and (off-diagonal only) :math:`4\rho`, shaped like
@@ -136,12 +139,20 @@ def _row_block_squared(
     layout = spec.layout
     m = math.prod(psi.shape[a] for a in layout.group_axes)
     l = math.prod(psi.shape[a] for a in layout.vector_axes)
-    total = jnp.sum(x * x) + jnp.asarray(m * (l - x.shape[-1]), x.dtype)
+    total = jnp.sum(_abs2(x)) + jnp.asarray(m * (l - x.shape[-1]), real_dtype(x.dtype))
     if not spec.off_diagonal:
         return total, 4 * x, None
     p = psi.astype(x.dtype)
-    rho = jnp.sum(p * p, axis=layout.column_axis, keepdims=True) - 1
-    return total - jnp.sum(rho * rho), 4 * x, 4 * rho
+    rho = jnp.sum(_abs2(p), axis=layout.column_axis, keepdims=True) - 1
+    return total - jnp.sum(rho * rho), 4 * x, (4 * rho).astype(x.dtype)
+
+
+def _abs2(x: jax.Array) -> jax.Array:
+    """|x|^2, real: x * x, or Re^2 + Im^2 for complex x."""
+    if jnp.iscomplexobj(x):
+        re, im = jnp.real(x), jnp.imag(x)
+        return re * re + im * im
+    return x * x
 
 
 def _derivative(spec: Spec, x: jax.Array, axes: tuple[int, ...] = (-2, -1)) -> jax.Array:
@@ -205,13 +216,17 @@ def _residual(spec: Spec, phi: jax.Array, acc: Any) -> _Gram:
         gram = _gram(spec, phi, acc)
         eye = _eye(gram.shape[-1], gram.ndim, acc)
         return _Gram(phi, None, gram, gram - eye, eye, None, None)
-    col_scale = _column_scale(spec.layout, phi, acc)
+    if jnp.iscomplexobj(phi):  # the scale of the moduli, as a real array
+        col_scale = _column_scale(spec.layout, jnp.abs(phi), real_dtype(acc)).astype(phi.dtype)
+    else:
+        col_scale = _column_scale(spec.layout, phi, acc)
     phi = phi * col_scale
     gram = _gram(spec, phi, acc)
     eye = _eye(gram.shape[-1], gram.ndim, acc)
-    sq = jnp.diagonal(gram, axis1=-2, axis2=-1)
+    sq = jnp.real(jnp.diagonal(gram, axis1=-2, axis2=-1))  # |phi_j|^2
     inv_norm = jax.lax.rsqrt(jnp.maximum(sq, spec.normalize_eps))
-    x = gram * inv_norm[..., :, None] * inv_norm[..., None, :] - eye
+    r = inv_norm.astype(acc)
+    x = gram * r[..., :, None] * r[..., None, :] - eye
     # A normalised column has |psi_j|^2 = 1 identically, so X_jj = 0 with zero
     # derivative. Say so exactly instead of leaving 1 - |psi_j|^2 ~ 1e-16 to the
     # kink's convention. NaN fails `sq > eps` and stays.
@@ -257,21 +272,29 @@ def _forward(spec: Spec, phi: jax.Array) -> _Residual:
 
 
 def _normalized(spec: Spec, phi: jax.Array, inv_norm: jax.Array) -> jax.Array:
-    """Psi = Phi D: ``inv_norm`` broadcast back onto phi's column axis."""
-    return phi.astype(inv_norm.dtype) * _contract.on_columns(spec.layout, inv_norm)
+    """Psi = Phi D in the accumulation dtype: ``inv_norm`` broadcast onto the column axis."""
+    acc = accumulation_dtype(phi.dtype)
+    return phi.astype(acc) * _contract.on_columns(spec.layout, inv_norm).astype(acc)
 
 
 def _backward(spec: Spec, phi: jax.Array, res: _Residual, scale: jax.Array) -> jax.Array:
-    """d(scale * total)/d phi, in the accumulation dtype."""
-    w = scale * (res.f_prime + _swap(res.f_prime))
+    """d(scale * total)/d phi, in the accumulation dtype, in jax.grad's convention.
+
+    For complex phi everything below computes the steepest-ascent direction G,
+    ``d total = Re sum(conj(G) d phi)`` (for the residuals' Hermitian F, W is
+    F + F^H); ``jax.grad`` of a real function of complex input returns conj(G).
+    """
+    scale = scale.astype(res.f_prime.dtype)  # real, or as complex for complex phi
+    w = scale * (res.f_prime + _adjoint(res.f_prime))
     if res.row_w is not None:
         w = w + scale * res.row_w  # the squared double-sided term folds into W
     if not spec.normalize:
-        return _apply(spec, phi, w) + _row_terms(spec, scale, res, phi.astype(w.dtype))
+        grad = _apply(spec, phi, w) + _row_terms(spec, scale, res, phi.astype(w.dtype))
+        return jnp.conj(grad)
     assert res.col_scale is not None
     # The forward pass ran on phi * s (s per column, exact): d/dphi = s d/d(phi s).
     grad = _normalized_backward(spec, phi * res.col_scale, res, w, scale)
-    return res.col_scale.astype(grad.dtype) * grad
+    return jnp.conj(res.col_scale.astype(grad.dtype) * grad)
 
 
 def _row_terms(spec: Spec, scale: jax.Array, res: _Residual, psi: jax.Array) -> jax.Array | int:
@@ -287,31 +310,34 @@ def _normalized_backward(
     spec: Spec, phi: jax.Array, res: _Residual, w: jax.Array, scale: jax.Array
 ) -> jax.Array:
     assert res.gram is not None and res.inv_norm is not None
-    r = res.inv_norm
+    r = res.inv_norm  # real; rc: in W's dtype (complex for complex phi)
+    rc = r.astype(w.dtype)
     # Through Psi = Phi D with nu = sqrt(max(C_jj, eps)); d nu / d phi is 0 where
     # C_jj <= eps, which is where the max picks eps.
-    live = (jnp.diagonal(res.gram, axis1=-2, axis2=-1) > spec.normalize_eps).astype(r.dtype)
+    sq = jnp.real(jnp.diagonal(res.gram, axis1=-2, axis2=-1))
+    live = (sq > spec.normalize_eps).astype(r.dtype)
     if res.row_f_prime is None and res.row_rho is None:
-        # One matmul: Phi (D W D - diag(c_j live_j / nu_j^3)), c_j = (C D W)_jj.
-        c = jnp.einsum("...jk,...k,...kj->...j", res.gram, r, w, precision=spec.precision)
-        m = w * r[..., :, None] * r[..., None, :]
-        m = m - jnp.vectorize(jnp.diag, signature="(n)->(n,n)")(c * live * r**3)
+        # One matmul: Phi (D W D - diag(c_j live_j / nu_j^3)), c_j = Re (C D W)_jj
+        # (real already for real phi; for complex, d nu_j = Re(phi_j^H d phi_j) / nu_j).
+        c = jnp.einsum("...jk,...k,...kj->...j", res.gram, rc, w, precision=spec.precision)
+        m = w * rc[..., :, None] * rc[..., None, :]
+        d = (jnp.real(c) * live * r**3).astype(w.dtype)
+        m = m - jnp.vectorize(jnp.diag, signature="(n)->(n,n)")(d)
         return _apply(spec, phi, m)
-    phi_acc = phi.astype(r.dtype)
+    phi_acc = phi.astype(w.dtype)
     psi = _normalized(spec, phi, r)
     g = _apply(spec, psi, w) + _row_terms(spec, scale, res, psi)
-    dots = jnp.sum(phi_acc * g, axis=spec.layout.vector_axes, keepdims=True)
-    return g * _contract.on_columns(spec.layout, r) - phi_acc * dots * _contract.on_columns(
-        spec.layout, live * r**3
-    )
+    dots = jnp.real(jnp.sum(jnp.conj(phi_acc) * g, axis=spec.layout.vector_axes, keepdims=True))
+    cube = _contract.on_columns(spec.layout, live * r**3).astype(w.dtype)
+    return g * _contract.on_columns(spec.layout, rc) - phi_acc * dots.astype(w.dtype) * cube
 
 
 def _left(spec: Spec, scale: jax.Array, row_f_prime: jax.Array, psi: jax.Array) -> jax.Array:
-    """(H + H^T) Psi, scaled: the double-sided term's gradient with respect to Psi."""
+    """(H + H^H) Psi, scaled: the double-sided term's gradient with respect to Psi."""
     k = len(spec.layout.vector_axes)
     g = len(spec.layout.group_axes)
     perm = (*range(g), *range(g + k, g + 2 * k), *range(g, g + k))
-    h = scale * (row_f_prime + jnp.transpose(row_f_prime, perm))
+    h = scale * (row_f_prime + jnp.conj(jnp.transpose(row_f_prime, perm)))
     return jnp.einsum(
         spec.layout.left_apply_subscripts,
         h,
@@ -334,7 +360,7 @@ def _penalty_fwd(
     spec: Spec, phi: jax.Array, beta: jax.Array
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, _Residual]]:
     res = _forward(spec, phi)
-    value = (beta.astype(res.total.dtype) * res.total).astype(phi.dtype)
+    value = (beta.astype(res.total.dtype) * res.total).astype(real_dtype(phi.dtype))
     return value, (phi, beta, res)
 
 
@@ -372,9 +398,9 @@ jax.tree_util.register_dataclass(
 
 
 def _prepare(phi: ArrayLike, beta: ArrayLike, **options: Any) -> tuple[Spec, jax.Array, jax.Array]:
-    phi_arr = check_phi(phi)
+    phi_arr = check_phi(phi, allow_complex=True)
     spec = make_spec(phi_arr, **options)
-    beta_arr = check_beta(beta, accumulation_dtype(phi_arr.dtype))
+    beta_arr = check_beta(beta, real_dtype(accumulation_dtype(phi_arr.dtype)))
     return spec, phi_arr, beta_arr
 
 
@@ -679,7 +705,7 @@ def orthogonality_error(
       >>> jop.orthogonality_error(2 * jnp.eye(2), off_diagonal=True)   # angles only
       Array(0., dtype=float32)
     """
-    phi_arr = check_phi(phi)
+    phi_arr = check_phi(phi, allow_complex=True)
     spec = Spec(
         layout=make_layout(phi_arr.ndim, vector_axis, column_axis),
         rule=make_rule("l1", "zero"),
@@ -693,7 +719,7 @@ def orthogonality_error(
     g = _residual(spec, phi_arr, acc)
     x = jnp.abs(g.x)
     if off_diagonal:
-        x = x * (1 - g.eye)  # a product: NaN on the diagonal still shows
+        x = x * jnp.real(1 - g.eye)  # a product: NaN on the diagonal still shows
     if x.shape[-1] == 0:
         return jnp.zeros(x.shape[:-2], x.dtype)
     return jnp.max(x, axis=(-2, -1))

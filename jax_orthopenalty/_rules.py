@@ -27,9 +27,11 @@ __all__ = [
     "Norm",
     "Rule",
     "Subgradient",
+    "complex_sign",
     "deadzone",
     "huber",
     "make_rule",
+    "sign",
     "spectral",
     "subgradient_fn",
 ]
@@ -77,12 +79,13 @@ class deadzone:
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # |x| <= tol is the kink's band: derivative 0 there. NaN fails the test
-        # and falls through to sign(NaN) = NaN, so it propagates. (The residuals are
-        # floating; anything else is compared as a float, also under strict promotion.)
+        # and falls through to sign(NaN) = NaN, so it propagates. For complex x the
+        # band is on the modulus, and sign(x) = x / |x|. (The residuals are floating;
+        # anything else is compared as a float, also under strict promotion.)
         x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
             x = x.astype(jnp.result_type(float))
-        return jnp.where(jnp.abs(x) <= self.tol, jnp.zeros_like(x), jnp.sign(x))
+        return jnp.where(jnp.abs(x) <= self.tol, jnp.zeros_like(x), sign(x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +131,14 @@ class huber:
         _check_positive_real("delta", self.delta, allow_zero=False)
 
     def value(self, x: jax.Array) -> jax.Array:
-        ax = jnp.abs(x)
-        return jnp.where(ax <= self.delta, 0.5 * x * x / self.delta, ax - 0.5 * self.delta)
+        ax = jnp.abs(x)  # for complex x: h_delta(|x|)
+        return jnp.where(ax <= self.delta, 0.5 * ax * ax / self.delta, ax - 0.5 * self.delta)
 
     def derivative(self, x: jax.Array) -> jax.Array:
+        if jnp.iscomplexobj(x):
+            # h'(|x|) x / |x| = x / max(|x|, delta), with the outer branch written as
+            # the overflow-safe sign(x) (|x| can overflow where x does not).
+            return jnp.where(jnp.abs(x) <= self.delta, x / self.delta, sign(x))
         return jnp.clip(x / self.delta, -1.0, 1.0)
 
 
@@ -265,21 +272,47 @@ def _check_positive_real(name: str, x: object, *, allow_zero: bool) -> None:
         raise ValueError(f"`{name}` must be {bound}, got {x!r}.")
 
 
+def complex_sign(x: jax.Array) -> jax.Array:
+    r"""``x / |x|`` for complex ``x``, 0 at 0: the derivative of :math:`|x|`.
+
+    :math:`d|x| = \operatorname{Re}(\overline{s}\, dx)` with :math:`s = x / |x|`.
+    Computed on ``x`` divided by :math:`\max(|\mathrm{Re}\, x|, |\mathrm{Im}\, x|)`,
+    so it is exact in direction where :math:`|x|` overflows (``x`` finite) or
+    underflows; NaN stays NaN. Differentiable away from 0 (``jnp.sign``'s derivative
+    is 0 everywhere, wrong for complex ``x``), with derivative 0 at 0.
+    """
+    re, im = jnp.real(x), jnp.imag(x)
+    big = jnp.maximum(jnp.abs(re), jnp.abs(im))
+    zero = big == 0  # NaN is not 0: it falls through and propagates
+    big = jnp.where(zero, 1, big)
+    re, im = re / big, im / big  # modulus in [1, sqrt(2)], or 0 at 0
+    mod = jnp.sqrt(jnp.where(zero, 1, re * re + im * im))  # no 1/sqrt(0) in the tangent
+    return jnp.where(zero, jnp.zeros_like(x), jax.lax.complex(re / mod, im / mod))
+
+
+def sign(x: jax.Array) -> jax.Array:
+    """``jnp.sign`` for real ``x``; :func:`complex_sign`, ``x / |x|``, for complex ``x``."""
+    return complex_sign(x) if jnp.iscomplexobj(x) else jnp.sign(x)
+
+
 # The three named conventions for d|x|/dx. All equal sign(x) away from 0 and
 # differ only at x == 0. jnp.sign(NaN) is NaN, so NaN propagates in every one.
+# For complex x, sign(x) = x / |x| and the subdifferential of |x| at 0 is the unit
+# disk {|s| <= 1}: 0 is its minimum-norm element, +1 and -1 are points of it.
 def _sign_zero(x: jax.Array) -> jax.Array:
-    # sign(0) = 0: the minimum-norm element of the subdifferential [-1, 1].
-    return jnp.sign(x)
+    # sign(0) = 0: the minimum-norm element of the subdifferential [-1, 1] (or of
+    # the unit disk, for complex x: what jax.grad(jnp.abs) returns at 0j).
+    return sign(x)
 
 
 def _sign_positive(x: jax.Array) -> jax.Array:
-    # sign(0) = +1: what jax.grad(jnp.abs) returns at 0.
-    return jnp.where(x == 0, jnp.ones_like(x), jnp.sign(x))
+    # sign(0) = +1: what jax.grad(jnp.abs) returns at a real 0.
+    return jnp.where(x == 0, jnp.ones_like(x), sign(x))
 
 
 def _sign_negative(x: jax.Array) -> jax.Array:
     # sign(0) = -1.
-    return jnp.where(x == 0, -jnp.ones_like(x), jnp.sign(x))
+    return jnp.where(x == 0, -jnp.ones_like(x), sign(x))
 
 
 _NAMED_SUBGRADIENTS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -290,6 +323,9 @@ _NAMED_SUBGRADIENTS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def _square(x: jax.Array) -> jax.Array:
+    if jnp.iscomplexobj(x):  # |x|^2
+        re, im = jnp.real(x), jnp.imag(x)
+        return re * re + im * im
     return x * x
 
 

@@ -174,13 +174,15 @@ def _mask_for_optax(mask: MaskOrFn) -> MaskOrFn:
 def _default_skip(x: Any) -> str | None:
     """Why ``dimension_numbers=None`` skips the array ``x``, or None if it selects it.
 
-    The default selection: every floating array of rank >= 2.
+    The default selection: every real or complex floating array of rank >= 2. Complex
+    leaves are selected too (unitary groups): a path that cannot take them raises,
+    naming the leaf, rather than skipping them silently.
     """
     ndim = jnp.ndim(x)
     if ndim < 2:
         return f"rank {ndim} < 2"
     dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.inexact):
         return f"dtype {dtype} is not floating"
     return None
 

@@ -381,7 +381,12 @@ def test_non_finite_input_propagates(bad, norm):
         (np.ones((3, 2)), {"column_axis": None}, TypeError, "`column_axis` must be an int"),
         (np.ones((3, 2), np.int32), {}, TypeError, "`phi` must have a floating dtype"),
         (np.ones((3, 2), bool), {}, TypeError, "`phi` must have a floating dtype"),
-        (np.ones((3, 2), np.complex64), {}, TypeError, "`phi` must be real floating point"),
+        (
+            np.ones((3, 2), np.complex64),
+            {"norm": "spectral"},
+            TypeError,
+            "norm='spectral' does not support complex `phi` (complex64)",
+        ),
         (np.ones((3, 2)), {"norm": "frobenius"}, ValueError, "`norm` must be 'l1'"),
         (np.ones((3, 2)), {"subgradient": "sign"}, ValueError, "`subgradient` must be"),
         (np.ones((3, 2)), {"beta": np.ones(2)}, ValueError, "`beta` must be a scalar"),

@@ -507,29 +507,41 @@ def project_orthonormal(
     the step that is applied; anything after it would move the parameters off
     the manifold again.
 
-    **Cost.** Where every group is near orthonormal (:math:`\|C_i - I\|_F \le 1/2`
-    for :math:`C_i = Y_i^\top Y_i`, :math:`Y = X + u`), as after a step from
-    orthonormal parameters, :math:`Y_i C_i^{-1/2}` from an eigendecomposition of the
-    :math:`n \times n` Gram matrix: one Gram matrix, one ``eigh`` and one product
-    per group. Otherwise (a first step from a random start, a rank-deficient
-    group, NaN) one thin SVD of every :math:`l \times n` group, :math:`U V^\top`.
-    The choice is one ``lax.cond`` on all groups at once. Both are exact
-    (orthonormal to float rounding, about 1e-6 in float32); the Gram route
-    squares the condition number, which costs nothing below :math:`\kappa(C) =
-    3`. Measured on one core of a 2-core CPU, near-orthonormal float32 groups:
-    10 µs for one 24 x 5 group (the SVD 11 µs), 0.2 ms for 256 x 64 (0.45 ms),
-    4.3 ms for 1024 x 256 (26 ms); the soft penalty's gradient is 1.5 ms at
-    1024 x 256. The SVD route costs :math:`O(l n^2)` with a large constant.
+    **Cost.** Near the manifold, as after a step from orthonormal parameters, the
+    polar factor is a truncated series, :math:`Y (I + E)^{-1/2} \approx Y\,p(E)` with
+    :math:`E = Y^\top Y - I`, in matmuls only: one Gram matrix, one product with
+    :math:`Y` and at most four :math:`n \times n` products. The degree (1, 2, 4, 6 or
+    8) comes from a bound on :math:`\|E\|_2` over all groups, so that the result is
+    the polar factor to the dtype's precision; degree 1 (no extra product, the cost of
+    one penalty gradient) holds for :math:`\|E\|_F \le 4 \cdot 10^{-4}` in float32.
+    Why a series and not Newton-Schulz, and the bounds: ``jax_orthopenalty._polar``.
+    Beyond degree 8's radius (0.19 in float32) it takes :math:`Y C^{-1/2}` from an
+    ``eigh`` of the Gram matrix where every :math:`\|E_i\|_F \le 1/2`, else the thin
+    SVD :math:`U V^\top` of every group (a first step from a random start, a
+    rank-deficient group, NaN). The route is a ``lax.cond`` and a ``lax.switch`` on
+    scalars: under ``jax.jit`` only the chosen one runs (under ``jax.vmap`` all of
+    them do: stack leaves as group axes instead). Measured against a penalty step:
+    docs/performance.md. With the vectors sharded (FSDP) the series needs only the
+    all-reduce of the :math:`n \times n` Gram matrices; the SVD fallback gathers each
+    group explicitly, inside its own branch (docs/scale.md).
+
+    **Derivatives.** ``jax.grad``, ``jax.jvp`` and higher orders through the
+    projection are exact everywhere for full-rank groups, at exactly orthonormal
+    points and repeated singular values included: the polar factor is a
+    ``custom_jvp`` whose tangent solves the Lyapunov equation
+    :math:`H\Omega + \Omega H = Q^\top dY - dY^\top Q` (:math:`H = Q^\top Y`), with
+    no eigenvalue gaps to divide by (meta-learning, a warm-up from ``lr = 0``,
+    differentiating a training run).
 
     **Rank-deficient groups.** Where :math:`X + u` has rank :math:`r < n`, the
     nearest orthonormal matrix is not unique: any :math:`Q` with
     :math:`Q V_r = U_r` is nearest. The result is one of them (LAPACK's choice
     of the singular vectors for the zero singular values), always with
-    orthonormal columns; a zero group becomes some orthonormal matrix. NaN in a
-    group's params or updates gives NaN in that whole group; Inf is NaN here.
-    The updates are in their own dtype; for bfloat16 parameters
-    ``apply_updates`` rounds :math:`X + u` to bfloat16, so the result is
-    orthonormal to bfloat16 precision (about 1e-2).
+    orthonormal columns; a zero group becomes some orthonormal matrix, and the
+    derivative there is not defined. NaN in a group's params or updates gives NaN
+    in that whole group; Inf is NaN here. The updates are in their own dtype; for
+    bfloat16 parameters ``apply_updates`` rounds :math:`X + u` to bfloat16, so the
+    result is orthonormal to bfloat16 precision (about 1e-2).
 
     **With optax.inject_hyperparams.** There is nothing numeric to inject; a
     callable ``mask`` or ``dimension_numbers`` must be in ``static_args``.

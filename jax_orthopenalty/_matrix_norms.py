@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,17 @@ r"""Eigenvalue moduli within ``TIE_ULPS * n * eps * top`` of the largest, ``top`
 with it (``eps`` of the accumulation dtype): the backward error of ``eigh``, so that a
 repeated eigenvalue that comes out of the solver split by rounding still counts once per
 copy."""
+
+
+def max_or_nan(x: jax.Array, axis: Any, keepdims: bool = False) -> jax.Array:
+    """``jnp.max`` that is NaN wherever the reduced slice has a NaN.
+
+    XLA:CPU's vectorised max reduction does not always propagate NaN: with NaN and
+    infinities in one slice it can return inf, or even the reduction's initial value
+    -inf. NaN in, NaN out needs the check written out.
+    """
+    top = jnp.max(x, axis=axis, keepdims=keepdims)
+    return jnp.where(jnp.any(jnp.isnan(x), axis=axis, keepdims=keepdims), jnp.nan, top)
 
 
 def _nonfinite(x: jax.Array) -> jax.Array:
@@ -74,7 +86,7 @@ def _spectral_parts(
     n = x.shape[-1]
     lam, v = jnp.linalg.eigh(x, symmetrize_input=True)
     mod = jnp.abs(lam)
-    top = jnp.max(mod, axis=-1, keepdims=True)
+    top = max_or_nan(mod, axis=-1, keepdims=True)
     eps = float(np.finfo(x.dtype).eps)
     # Ties: within the solver's backward error of the largest modulus (see TIE_ULPS).
     # At X = 0 every eigenvalue is exactly 0 and ties. NaN ties with nothing: k = 0.
@@ -203,7 +215,7 @@ class MaxRule:
         if x.shape[-1] == 0:
             return jnp.zeros(x.shape[:-2], x.dtype), x
         mod = jnp.abs(x)
-        top = jnp.max(mod, axis=(-2, -1), keepdims=True)
+        top = max_or_nan(mod, axis=(-2, -1), keepdims=True)
         # Ties are exact equality of the computed moduli, split evenly (the minimum-norm
         # subgradient; what jax.grad of jnp.max does). The derivative of |X_e| at the
         # arg-max is the convention's sign, which only matters if the max is 0 (X = 0).

@@ -51,6 +51,7 @@ from ._layout import (
     make_spec,
     real_dtype,
 )
+from ._matrix_norms import max_or_nan
 from ._rules import SQUARED, Norm, Subgradient, make_rule
 
 __all__ = [
@@ -722,4 +723,4 @@ def orthogonality_error(
         x = x * jnp.real(1 - g.eye)  # a product: NaN on the diagonal still shows
     if x.shape[-1] == 0:
         return jnp.zeros(x.shape[:-2], x.dtype)
-    return jnp.max(x, axis=(-2, -1))
+    return max_or_nan(x, axis=(-2, -1))

@@ -70,6 +70,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import _contract
 from ._layout import Layout
+from ._matrix_norms import max_or_nan
 
 __all__ = ["DEGREES", "NEAR_ORTHONORMAL", "polar", "radii"]
 
@@ -128,7 +129,7 @@ def _mm(a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
 
 def _frobenius(e: jax.Array) -> jax.Array:
     """The largest Frobenius norm over all groups: NaN if any group has NaN."""
-    return jnp.sqrt(jnp.max(jnp.sum(e * e, axis=(-2, -1))))
+    return jnp.sqrt(max_or_nan(jnp.sum(e * e, axis=(-2, -1)), axis=None))
 
 
 def _cross(layout: Layout, a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:

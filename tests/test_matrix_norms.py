@@ -200,6 +200,17 @@ def test_nan_and_inf_propagate(norm):
         assert not np.all(np.isfinite(np.asarray(grad)))
 
 
+def test_nan_beside_an_infinity_reads_nan_not_inf():
+    # XLA:CPU's vectorised max reduction can drop NaN next to infinities (returning
+    # inf, or its initial value -inf); every max over a group checks for NaN itself.
+    phi = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    phi[0, 0], phi[1, 1] = np.nan, -np.inf
+    assert np.isnan(float(jop.orthogonality_error(phi)[()]))
+    for norm in ("max", SPECTRAL):
+        assert np.isnan(float(jop.orthogonality_penalty(phi, norm=norm)))
+    assert np.isnan(float(jax.jit(jop.orthogonality_error)(phi)[()]))
+
+
 def test_overflowed_gram_is_never_a_finite_wrong_value():
     # docs/failure-modes.md: float32 data times 1e20, Gram entries ~1e40.
     phi = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 3)) * 1e20, jnp.float32)

@@ -23,6 +23,9 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/bench_every.py --markdown --json benchmarks/results/every_cpu.json
     .venv/bin/python benchmarks/bench_every.py --quick    # a smoke run, seconds
+
+``--quick`` (tests/test_bench_train.py runs it): 64 steps, one seed, one timed run,
+compiled with XLA's cheapest options (``QUICK_COMPILER_OPTIONS``); its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax_orthopenalty as jop
+from benchmarks import _machine
 
 EVERY = (1, 4, 16)
 LEARNING_RATE = 1e-3
@@ -52,6 +56,12 @@ BETA = {"coupled": 1e-2, "decoupled": 1.0}
 BATCH = 64
 HIDDEN = 64
 CONFIGS = ("adam", *(f"{p} every={k}" for p in ("coupled", "decoupled") for k in EVERY))
+# --quick only: the smoke run's time is nearly all XLA:CPU compiles.
+QUICK_COMPILER_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+    "xla_cpu_use_fusion_emitters": False,
+}
 DIMS = {
     "w1": jop.OrthoDims(),
     "w2": jop.OrthoDims(),
@@ -105,8 +115,13 @@ def optimizer(name: str) -> optax.GradientTransformation:
     return optax.chain(optax.scale_by_adam(), penalty, optax.scale_by_learning_rate(LEARNING_RATE))
 
 
-def trainer(name: str, steps: int, data: tuple[np.ndarray, ...]) -> Any:
-    """A jitted ``seed -> (params, losses)``: ``steps`` minibatch steps in one scan."""
+def trainer(
+    name: str, steps: int, data: tuple[np.ndarray, ...], options: dict[str, Any] | None = None
+) -> Any:
+    """A jitted ``(params, key) -> (params, losses)``: ``steps`` minibatch steps in one scan.
+
+    ``options``: XLA's compiler options (``--quick``).
+    """
     x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
     tx = optimizer(name)
 
@@ -123,17 +138,18 @@ def trainer(name: str, steps: int, data: tuple[np.ndarray, ...]) -> Any:
         )
         return params, losses
 
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=options)
 
 
 def orthogonality(params: dict[str, jax.Array]) -> float:
     return float(sum(jop.orthogonality_error(params[k]) for k in ("w1", "w2")))
 
 
-def run(steps: int, seeds: int, reps: int) -> dict[str, Any]:
+def run(steps: int, seeds: int, reps: int, quick: bool = False) -> dict[str, Any]:
     data = digits()
     xt, yt = jnp.asarray(data[2]), jnp.asarray(data[3])
-    runs = {name: trainer(name, steps, data) for name in CONFIGS}
+    options = QUICK_COMPILER_OPTIONS if quick else None
+    runs = {name: trainer(name, steps, data, options) for name in CONFIGS}
     per_seed: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
     for seed in range(seeds):
         start = init(seed)
@@ -207,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (1 if args.quick else 5)
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     load = list(os.getloadavg())
-    results = run(steps, seeds, reps)
+    results = run(steps, seeds, reps, args.quick)
     print(f"{steps} steps, {seeds} seeds, batch {BATCH}, lr {LEARNING_RATE}, beta {BETA}")
     for name in CONFIGS:
         r = results[name]
@@ -220,9 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(results))
     report = {
         "machine": {
-            "cpu_count": os.cpu_count(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
+            **_machine.machine(),
+            "optax": optax.__version__,
             "date_utc": started,
             "loadavg_at_start": load,
             "loadavg_at_end": list(os.getloadavg()),

@@ -4,9 +4,18 @@
 ``p`` without its hardware or plugin: JAX's own rules for the CUDA and ROCm linear
 algebra (the SVD and ``eigh`` of the projection and the spectral norm) only name
 their cuSOLVER/hipSOLVER custom calls, and TPU's are ``Eigh``/``Qr`` custom calls, so
-a jaxlib for CPU alone lowers for all four. That is what keeps the CPU/GPU/TPU promise
-checked here: an op without a lowering on some platform (a host callback, a
-CPU-only custom call) fails this file.
+a jaxlib for CPU alone lowers for all four (no GPU plugin is installed for this test).
+That keeps the CPU/GPU/TPU promise checked without the hardware: an op with no
+lowering for some platform, or one that ``jax.export`` refuses (a host callback, a
+custom call outside its stable list), fails this file.
+
+The entries are the public functions that take arrays: the penalty (every norm, the
+family options, a conv layout, complex phi), its ``jax.grad`` (the custom VJP's
+backward pass) and ``orthogonality_penalty_grad``, ``orthogonality_error``, the tree
+penalty and its gradient, and the update of every transform (``every=4``, a schedule
+and a mask, ``landing`` with ``safe_step``, ``project_orthonormal`` far from and near
+the manifold, a chain with an optax optimizer). ``summary`` (a string) and
+``dimension_numbers_for`` (a model) are not array functions.
 
 For every entry: the export succeeds for each platform, ``platforms`` is the one asked
 for, the linear algebra is the platform's own, the serialized bytes deserialize to the

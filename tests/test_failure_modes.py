@@ -1,16 +1,18 @@
 """Failure modes, each pinned to an exact, documented behaviour (docs/failure-modes.md).
 
 NaN and Inf propagate; overflow thresholds; n > l; zero columns under ``normalize``;
-a deadzone below the dtype's resolution; complex input; and hygiene: no global
-state, bitwise determinism, no leaked jax config.
+a deadzone below the dtype's resolution; complex input; where ``optax.apply_if_finite``
+goes; and hygiene: no global state, bitwise determinism, no leaked jax config.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -760,3 +762,85 @@ def test_double_sided_squared_forms_no_l_by_l_matrix(off_diagonal: bool, normali
 
     assert not has_l_by_l("squared")
     assert has_l_by_l("l1")
+
+
+# --------------------------------------------------------------------------- apply_if_finite
+
+
+def _overflowing_params() -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Finite params whose penalty gradient is NaN, and finite incoming gradients.
+
+    Group 0 of ``w`` is normal data times 1e20 in float32: its Gram matrix overflows
+    (entries ~1e40), so the penalty's gradient there is NaN (see
+    test_float32_entries_1e20); the loss gradient knows nothing of it.
+    """
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(4, 2, 3))
+    w[:, 0] *= 1e20
+    params = {"w": jnp.asarray(w, jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
+    grads = {"w": jnp.full((4, 2, 3), 0.5, jnp.float32), "b": jnp.ones((3,), jnp.float32)}
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, grads)))
+    assert bool(jnp.all(jnp.isnan(jop.orthogonality_penalty_grad(params["w"])[:, 0])))
+    return params, grads
+
+
+@pytest.mark.optax_promotion  # optax.sgd: see conftest.py
+def test_apply_if_finite_around_the_penalty_misses_its_nan() -> None:
+    # apply_if_finite checks the updates it receives: outside the penalty those are
+    # the finite loss gradients, so it applies the inner chain, whose output is NaN.
+    params, grads = _overflowing_params()
+    tx = optax.apply_if_finite(optax.chain(jop.add_orthogonality_penalty(0.1), optax.sgd(0.01)), 3)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert bool(jnp.all(jnp.isnan(updates["w"][:, 0])))  # the overflowed group
+    assert bool(jnp.all(jnp.isfinite(updates["w"][:, 1])))  # the other group
+    np.testing.assert_array_equal(updates["b"], -0.01 * grads["b"])
+    assert int(state.notfinite_count) == 0 and bool(state.last_finite)
+    assert int(state.total_notfinite) == 0
+    new = optax.apply_updates(params, updates)
+    assert bool(jnp.any(jnp.isnan(new["w"])))  # the NaN reaches the parameters
+
+
+@pytest.mark.optax_promotion  # optax.sgd: see conftest.py
+def test_apply_if_finite_after_the_penalty_catches_its_nan() -> None:
+    # After the penalty apply_if_finite sees grads + beta * dL/dPhi, NaN included: it
+    # returns zero updates (params unchanged) and counts the step. The penalty's own
+    # state (its count, for a schedule or every=k) still advances.
+    params, grads = _overflowing_params()
+    tx = optax.chain(jop.add_orthogonality_penalty(0.1), optax.apply_if_finite(optax.sgd(0.01), 3))
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    for k in (1, 2):
+        updates, state = step(grads, state, params)
+        for u in jax.tree.leaves(updates):
+            np.testing.assert_array_equal(u, np.zeros_like(u))
+        new = optax.apply_updates(params, updates)
+        for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(x, y)
+        guard = state[1]
+        assert int(guard.notfinite_count) == k and not bool(guard.last_finite)
+        assert int(guard.total_notfinite) == k
+        assert int(state[0].count) == k
+    # A finite step (the overflowed group scaled back) is applied and resets the count.
+    fine = {**params, "w": params["w"].at[:, 0].multiply(1e-20)}
+    updates, state = step(grads, state, fine)
+    want = -0.01 * (grads["w"] + jop.orthogonality_penalty_grad(fine["w"], 0.1))
+    np.testing.assert_allclose(updates["w"], want, rtol=1e-6)
+    assert int(state[1].notfinite_count) == 0 and bool(state[1].last_finite)
+    assert int(state[1].total_notfinite) == 2
+
+
+@pytest.mark.optax_promotion  # optax.sgd: see conftest.py
+def test_apply_if_finite_placement_on_the_page_catches_the_nan() -> None:
+    # The page's example (docs/failure-modes.md is not among tests/test_docs.py's
+    # executed pages): run it, and its `tx` rejects the penalty's NaN.
+    page = (Path(__file__).resolve().parents[1] / "docs" / "failure-modes.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", page, flags=re.M | re.S)
+    assert len(blocks) == 1
+    namespace: dict[str, Any] = {}
+    exec(compile(blocks[0], "docs/failure-modes.md", "exec"), namespace)
+    tx = namespace["tx"]
+    params, grads = _overflowing_params()
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    for u in jax.tree.leaves(updates):
+        np.testing.assert_array_equal(u, np.zeros_like(u))
+    assert int(state[1].notfinite_count) == 1

@@ -20,8 +20,9 @@ leaves in one place (``_select``): ``mask`` first, through ``optax.masked``, the
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TypeAlias, cast
 
 import jax
@@ -389,14 +390,24 @@ except ImportError:  # pragma: no cover
 _NAMED_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, *_SHARDING_ERRORS)
 
 
-def _on_leaf(fn: Any, leaf: _Leaf, beta: Any, options: dict[str, Any]) -> jax.Array:
-    """``fn(phi, beta, layout, **options)``, with errors naming the leaf's path.
+@contextlib.contextmanager
+def _naming(leaf: _Leaf) -> Iterator[None]:
+    """Errors raised inside name the leaf's path.
 
     ValueError, TypeError and JAX's ShardingTypeError (an Explicit mesh's sharding
     rules, at trace time) are re-raised as the same type, the leaf's path in front.
     """
-    assert leaf.dims is not None
     try:
+        yield
+    except _NAMED_ERRORS as e:
+        where = jax.tree_util.keystr(leaf.path) or "the root"
+        raise type(e)(f"params leaf {where}: {e}") from e
+
+
+def _on_leaf(fn: Any, leaf: _Leaf, beta: Any, options: dict[str, Any]) -> jax.Array:
+    """``fn(phi, beta, layout, **options)``, with errors naming the leaf's path."""
+    assert leaf.dims is not None
+    with _naming(leaf):
         return cast(
             jax.Array,
             fn(
@@ -407,9 +418,6 @@ def _on_leaf(fn: Any, leaf: _Leaf, beta: Any, options: dict[str, Any]) -> jax.Ar
                 **options,
             ),
         )
-    except _NAMED_ERRORS as e:
-        where = jax.tree_util.keystr(leaf.path) or "the root"
-        raise type(e)(f"params leaf {where}: {e}") from e
 
 
 def _match(path_leaves: list[tuple[Any, Any]], dims: Any) -> list[OrthoDims | None]:
@@ -703,7 +711,8 @@ def add_orthogonality_penalty(
 
             def one(leaf: _Leaf, g: jax.Array) -> jax.Array:
                 pull = _on_leaf(orthogonality_penalty_grad, leaf, scale, options)
-                return g + pull.astype(g.dtype)
+                with _naming(leaf):  # updates sharded unlike their params fail here
+                    return g + pull.astype(g.dtype)
 
             return cast(optax.Updates, _map_selected(one, u, params, dimension_numbers))
 

@@ -83,6 +83,10 @@ def _update(tx: Any, updates: Any, params: Any) -> Any:
     return tx.update(updates, tx.init(params), params)[0]
 
 
+def _zeros(tree: Any) -> Any:
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
 LAYOUTS = {
     "lmn": ((7, 3, 4), OrthoDims()),
     "flax_dense_in_out": ((6, 4), OrthoDims()),
@@ -180,6 +184,89 @@ def test_documented_chains_solve_pca(make: Callable[[], Any]) -> None:
     value, errors = _run(make(), a, x0, 2000)
     assert float(errors[-1]) < 1e-4
     assert abs(float(value) - optimum) <= 1e-3 * abs(optimum)
+
+
+def _resnet_landing_run(make: Callable[[Any, float], Any], steps: int) -> tuple[Any, Any]:
+    """A small flax linen ResNet (conv stem, a strided block with a 1x1 projection,
+    BatchNorm, a dense head) trained by ``make(dims, lr)`` at flax imagenet's
+    lr = 0.1 with Nesterov momentum 0.9, from orthonormal kernels (per output
+    channel, by ``dimension_numbers_for``). Large early gradients: the loss is
+    scaled by 30. Returns the losses and, per step, the largest
+    ``||X^T X - I||_F`` over the groups."""
+    nn = pytest.importorskip("flax.linen")
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            y = nn.Conv(16, (3, 3), (2, 2), use_bias=False)(x)
+            y = nn.relu(nn.BatchNorm(use_running_average=False)(y))
+            y = nn.BatchNorm(use_running_average=False)(nn.Conv(16, (3, 3), use_bias=False)(y))
+            r = nn.BatchNorm(use_running_average=False)(nn.Conv(16, (1, 1), (2, 2))(x))
+            return nn.relu(y + r)
+
+    class ResNet(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            x = nn.Conv(8, (3, 3), use_bias=False)(x)
+            x = Block()(nn.relu(nn.BatchNorm(use_running_average=False)(x)))
+            return nn.Dense(10)(x.mean((1, 2)))
+
+    model, rng = ResNet(), np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 12, 12, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=16))
+    variables = jax.jit(model.init)(jax.random.key(0), x)  # jitted: op by op is slow
+    dims = jop.dimension_numbers_for(model, variables["params"], x)
+    start = jop.project_orthonormal(dimension_numbers=dims)
+    params = jax.jit(lambda p: optax.apply_updates(p, _update(start, _zeros(p), p)))(
+        variables["params"]
+    )
+    tx = make(dims, 0.1)
+
+    def loss(p: Any, stats: Any) -> Any:
+        out, new = model.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+        return 30 * ce, new["batch_stats"]
+
+    def step(carry: Any, _: Any) -> Any:
+        p, stats, state = carry
+        (value, stats), g = jax.value_and_grad(loss, has_aux=True)(p, stats)
+        u, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, u)
+        return (p, stats, state), (value / 30, p)
+
+    carry = (params, variables["batch_stats"], tx.init(params))
+    _, (losses, path) = jax.jit(lambda c: jax.lax.scan(step, c, length=steps))(carry)
+    # ||X^T X - I||_F of every group after every step, in float64 NumPy.
+    flat = jax.tree.leaves(dims, is_leaf=lambda z: z is None or isinstance(z, OrthoDims))
+    distances = np.zeros(steps)
+    for leaf, d in zip(jax.tree.leaves(path), flat, strict=True):
+        if d is None:
+            continue
+        for t in range(steps):
+            g, _ = ref._canonical(np.asarray(leaf[t]), d.vector_axis, d.column_axis)
+            c = np.swapaxes(g, -1, -2) @ g - np.eye(g.shape[-1])
+            distances[t] = max(distances[t], np.sqrt(np.sum(c * c, axis=(-2, -1))).max())
+    return np.asarray(losses), distances
+
+
+def test_landing_with_nesterov_momentum_holds_on_a_resnet() -> None:
+    # docs: momentum first, then landing with the safe step, then the step size: every
+    # step is a landing field at the current point, certified to stay in the band.
+    recipe = lambda dims, lr: optax.chain(  # noqa: E731
+        optax.trace(0.9, nesterov=True),
+        jop.landing(1.0, dimension_numbers=dims, safe_step=0.5, learning_rate=lr),
+        optax.scale_by_learning_rate(lr),
+    )
+    losses, distances = _resnet_landing_run(recipe, 12)
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
+    assert np.all(distances <= 0.5), distances
+    # flax imagenet's optimizer after landing: momentum sums old fields and multiplies
+    # the step by up to 1 / (1 - 0.9); no step is certified, and it leaves the band.
+    naive = lambda dims, lr: optax.chain(  # noqa: E731
+        jop.landing(1.0, dimension_numbers=dims), optax.sgd(lr, momentum=0.9, nesterov=True)
+    )
+    _, distances = _resnet_landing_run(naive, 12)
+    assert not np.all(distances <= 0.5), distances
 
 
 @pytest.mark.optax_promotion  # optax.adam / schedules: see conftest.py
@@ -699,6 +786,13 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess
         records["mismatch"] = {"error": None}
     except Exception as e:
         records["mismatch"] = {"error": f"{type(e).__name__}: {e}"[:400]}
+    try:  # the penalty's own add of the pull to the updates, too
+        with jax.set_mesh(mesh):
+            tp = jop.add_orthogonality_penalty(1e-3)
+            jax.jit(lambda u, q: tp.update(u, tp.init(q), q))(uw, pw)
+        records["mismatch-penalty"] = {"error": None}
+    except Exception as e:
+        records["mismatch-penalty"] = {"error": f"{type(e).__name__}: {e}"[:400]}
     print_records(records)
 
 
@@ -707,9 +801,9 @@ def test_sharded_leaves_project_and_land_without_gathers() -> None:
     # and conv-kernel-sharded leaves; near the manifold (the series), far from it (the
     # SVD, which gathers each group explicitly, inside its branch only), and landing.
     records = run_as_script(__file__)
-    assert len(records) == 2 * 2 * 3 + 3, sorted(records)  # + grad, columns, mismatch
+    assert len(records) == 2 * 2 * 3 + 4, sorted(records)  # + grad, columns, 2 mismatches
     for name, rec in records.items():
-        if name == "mismatch":
+        if name.startswith("mismatch"):
             continue
         assert rec["err"] < 2e-5, (name, rec)
         if name == "Explicit-columns":
@@ -718,10 +812,10 @@ def test_sharded_leaves_project_and_land_without_gathers() -> None:
         assert rec["kept"], (name, rec)
         if name.endswith("landing"):
             assert "all-gather" not in rec["collectives"], (name, rec)
-    error = records["mismatch"]["error"]
-    assert error is not None and error.startswith("ShardingTypeError: params leaf ['net']['w']"), (
-        error
-    )
+    for name in ("mismatch", "mismatch-penalty"):
+        error = records[name]["error"]
+        assert error is not None, name
+        assert error.startswith("ShardingTypeError: params leaf ['net']['w']"), (name, error)
 
 
 def test_collective_filter_sees_gathers_outside_the_svd() -> None:

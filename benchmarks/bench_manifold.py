@@ -15,6 +15,14 @@ first) and the time to reach an error of 1e-5. The tasks:
 * digits: a 64-32-32-10 tanh network on scikit-learn's digits, full batch, SGD
   with momentum 0.9, with orthonormal columns in both hidden kernels.
 
+And the cost of one step, apart from training: on MLP-sized leaves {(784, 512),
+(512, 512)}, one projected step (``chain(sgd, project_orthonormal())``, update and
+apply, jitted) against one penalty step (``chain(add_orthogonality_penalty, sgd)``:
+one Gram matrix and one product per leaf) from orthonormal leaves, at step sizes that
+put :math:`\\|E\\|_F = \\|Y^\top Y - I\\|_F` in each of the series' degrees and beyond,
+interleaved (the order alternates), medians of ``--reps`` pairs. ``--step-cost``
+runs only this part.
+
 If geotorch is installed (the ``bench`` extra), the PCA problem is also solved with
 its orthogonal parametrisation (``geotorch.orthogonal``) and torch's SGD, as an
 anchor: per-step time ratio and final errors side by side.
@@ -277,6 +285,108 @@ def run_geotorch(steps: int = 3000, lr: float = 0.05, seed: int = 0) -> dict[str
 # --------------------------------------------------------------------------- report
 
 
+STEP_LEAVES = ((784, 512), (512, 512))
+"""The MLP 784-512-512-10's two square-ish kernels: the leaves of the step-cost rows."""
+
+STEP_DISTANCES = (1e-4, 3e-3, 3e-2, 0.1, 0.16, 0.4)
+"""Targets for the largest ``||Y^T Y - I||_F`` after the step: degrees 1, 2, 4, 6, 8 of
+the series, and the ``eigh`` route beyond."""
+
+
+def run_step_cost(
+    reps: int = 31,
+    seed: int = 0,
+    leaves: tuple[tuple[int, int], ...] = STEP_LEAVES,
+    distances: tuple[float, ...] = STEP_DISTANCES,
+) -> dict[str, Any]:
+    """One projected step against one penalty step on the same leaves, in one run."""
+
+    rng = np.random.default_rng(seed)
+    params = {
+        f"w{i}": jnp.asarray(np.linalg.qr(rng.normal(size=s))[0], jnp.float32)
+        for i, s in enumerate(leaves)
+    }
+    grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+
+    def distance(lr: float) -> float:
+        """The largest ||Y^T Y - I||_F after a step of size lr, in float64."""
+        out = 0.0
+        for k, x in params.items():
+            y = np.asarray(x, np.float64) - lr * np.asarray(grads[k], np.float64)
+            out = max(out, float(np.linalg.norm(y.T @ y - np.eye(y.shape[1]))))
+        return out
+
+    def lr_for(target: float) -> float:
+        lo, hi = 0.0, 1.0
+        for _ in range(60):  # the distance grows with lr: bisect
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if distance(mid) < target else (lo, mid)
+        return lo
+
+    rows = []
+    for target in distances:
+        lr = lr_for(target)
+        txs = {
+            "penalty": optax.chain(jop.add_orthogonality_penalty(1e-3), optax.sgd(lr)),
+            "project": optax.chain(optax.sgd(lr), jop.project_orthonormal()),
+        }
+        steps = {}
+        for name, tx in txs.items():
+            state = tx.init(params)
+
+            def step(p: Any, g: Any, tx: Any = tx, state: Any = state) -> Any:
+                return optax.apply_updates(p, tx.update(g, state, p)[0])
+
+            steps[name] = jax.jit(step).lower(params, grads).compile()
+            jax.block_until_ready(steps[name](params, grads))  # warm
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for r in range(reps):
+            for name in steps if r % 2 == 0 else reversed(list(steps)):
+                t = time.perf_counter()
+                jax.block_until_ready(steps[name](params, grads))
+                times[name].append(time.perf_counter() - t)
+        med = {name: float(np.median(v)) for name, v in times.items()}
+        e_bound = max(
+            float(np.linalg.norm(np.asarray(y).T @ np.asarray(y) - np.eye(y.shape[1])))
+            for y in (params[k] - lr * grads[k] for k in params)
+        )
+        rows.append(
+            {
+                "target": target,
+                "distance": distance(lr),
+                "route": _route(e_bound),
+                "penalty_ms": 1e3 * med["penalty"],
+                "project_ms": 1e3 * med["project"],
+                "ratio": med["project"] / med["penalty"],
+            }
+        )
+    return {"leaves": [list(s) for s in leaves], "reps": reps, "rows": rows}
+
+
+def _route(frobenius: float) -> str:
+    """Which route ``polar`` takes for float32 groups at this largest ||E||_F (the
+    degree from the Frobenius bound: the tighter ||E^2|| bound may pick a lower one)."""
+    from jax_orthopenalty import _polar
+
+    for degree, radius in zip(_polar.DEGREES, _polar.radii(np.float32), strict=True):
+        if frobenius <= radius:
+            return f"series, degree <= {degree}"
+    return "eigh" if frobenius <= _polar.NEAR_ORTHONORMAL else "svd"
+
+
+def report_step_cost(cost: dict[str, Any]) -> str:
+    lines = [
+        f"one step on leaves {cost['leaves']}, medians of {cost['reps']} interleaved pairs",
+        f"{'||E||_F':>9}  {'route':24}{'penalty ms':>11}{'project ms':>11}{'ratio':>7}",
+    ]
+    for r in cost["rows"]:
+        lines.append(
+            f"{r['distance']:>9.1e}  {r['route']:24}{r['penalty_ms']:>11.2f}"
+            f"{r['project_ms']:>11.2f}{r['ratio']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -326,10 +436,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--no-geotorch", action="store_true")
+    parser.add_argument("--step-cost", action="store_true", help="only the step-cost rows")
+    parser.add_argument("--reps", type=int, default=31, help="step-cost pairs")
     args = parser.parse_args()
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
+    cost = run_step_cost(args.reps)
+    print(report_step_cost(cost))
+    if args.step_cost:
+        if args.json is not None:
+            args.json.write_text(json.dumps({"step_cost": cost}, indent=1) + "\n")
+        return
     pca, digits = run_pca(), run_digits()
     geo = None if args.no_geotorch else run_geotorch()
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     print(report(pca, digits, geo))
     if args.json is not None:
         slim = {
@@ -343,6 +461,7 @@ def main() -> None:
                 for m in METHODS
             },
             "geotorch": geo,
+            "step_cost": cost,
         }
         args.json.write_text(json.dumps(slim, indent=1) + "\n")
 

@@ -338,12 +338,16 @@ def landing(
       ``optax.adam`` lets Adam's scaling bend the field off the tangent space:
       don't.) Adam's steps do not shrink at the optimum, so the distance to
       the manifold stays of the order of the step size: decay the learning rate.
-    * Momentum: ``optax.chain(optax.trace(decay=0.9), jop.landing(1.0),
+    * Momentum, Nesterov or not: ``optax.chain(optax.trace(decay=0.9,
+      nesterov=True), jop.landing(1.0, safe_step=0.5, learning_rate=lr),
       optax.scale_by_learning_rate(lr))`` keeps the momentum of the task
-      gradient, and every step is a landing field (recommended).
-      ``optax.chain(jop.landing(1.0), optax.sgd(lr, momentum=0.9))`` averages
-      past fields, each taken at an older :math:`X`; it works too at moderate
-      momentum, but the step is no longer a landing field at the current point.
+      gradient, every step is a landing field at the current point, and the
+      safe step certifies it (below): the recipe, from orthonormal parameters.
+      ``optax.chain(jop.landing(1.0), optax.sgd(lr, momentum=0.9))`` is not
+      safe: momentum sums past fields, each taken at an older :math:`X`, and
+      multiplies the step by up to :math:`1/(1 - 0.9) = 10`, so no step is
+      certified; with large gradients a step leaves the band and the cubic pull
+      diverges (it went to NaN on a ResNet at lr 0.1, Nesterov 0.9).
 
     **Step size.** With :math:`d = \|X^\top X - I\|_F`, the iterates stay near the
     manifold (:math:`d \le \varepsilon`) as long as every step

@@ -146,3 +146,24 @@ def test_bench_every_quick(tmp_path: Path) -> None:
         )
         assert len(r["seeds"]) == 1 and r["seeds"][0]["test_loss"] == r["test_loss"], name
     assert results["adam"]["cost_over_adam"] == 1.0
+
+
+def test_projection_step_cost_rows() -> None:
+    # benchmarks/bench_manifold.py --step-cost on tiny leaves: every target distance is
+    # reached by its step size, its route is the one polar takes there, and both sides
+    # were timed.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_manifold
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    targets = (1e-4, 3e-2, 0.4)
+    cost = bench_manifold.run_step_cost(reps=1, leaves=((12, 4), (8, 8)), distances=targets)
+    rows = cost["rows"]
+    assert [r["target"] for r in rows] == list(targets)
+    for r in rows:
+        assert math.isclose(r["distance"], r["target"], rel_tol=1e-3), r
+        assert r["penalty_ms"] > 0 and r["project_ms"] > 0, r
+        assert math.isclose(r["ratio"], r["project_ms"] / r["penalty_ms"], rel_tol=1e-9), r
+    assert [r["route"] for r in rows] == ["series, degree <= 1", "series, degree <= 4", "eigh"]
+    assert bench_manifold.report_step_cost(cost).count("\n") == 1 + len(targets)

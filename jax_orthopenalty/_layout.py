@@ -25,7 +25,6 @@ from jax.typing import ArrayLike
 from ._rules import Norm, Rule, Subgradient, make_rule, subgradient_fn
 
 __all__ = [
-    "COMPLEX_PATHS",
     "DEFAULT_PRECISION",
     "NORMALIZE_EPS",
     "Layout",
@@ -303,19 +302,9 @@ def _check_derivative(
         )
 
 
-COMPLEX_PATHS = (
-    "orthogonality_penalty, orthogonality_penalty_grad, orthogonality_error, "
-    "tree_orthogonality_penalty and add_orthogonality_penalty"
-)
-"""The entry points that take complex (unitary) groups, for error messages."""
-
-
-def check_phi(phi: ArrayLike, *, allow_complex: bool = False) -> jax.Array:
-    r"""Converts ``phi`` to an array and checks its dtype.
-
-    Real floating always; complex (``complex64``, ``complex128``: unitary groups,
-    :math:`\Phi_i^H\Phi_i - I`) only where the caller says it supports it.
-    """
+def check_phi(phi: ArrayLike) -> jax.Array:
+    r"""Converts ``phi`` to an array and checks its dtype: real floating, or complex
+    (``complex64``, ``complex128``: unitary groups, :math:`\Phi_i^H\Phi_i - I`)."""
     if not hasattr(phi, "dtype"):
         phi = jnp.asarray(phi, dtype=float)
     if jnp.issubdtype(phi.dtype, jax.dtypes.prng_key):
@@ -325,19 +314,11 @@ def check_phi(phi: ArrayLike, *, allow_complex: bool = False) -> jax.Array:
             "key is not a parameter to penalise. Skip the leaf (None in dimension_numbers)."
         )
     dtype = jnp.dtype(phi.dtype)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        if allow_complex:
-            return jnp.asarray(phi)
+    if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"`phi` must be real floating point here, got {dtype}: this path does not "
-            f"support complex parameters. Complex (unitary) groups, Phi^H Phi - I, are "
-            f"supported by {COMPLEX_PATHS}."
+            "`phi` must have a floating dtype (float16, bfloat16, float32, float64, "
+            f"complex64, complex128), got {dtype}."
         )
-    if not jnp.issubdtype(dtype, jnp.floating):
-        kinds = "float16, bfloat16, float32, float64" + (
-            ", complex64, complex128" if allow_complex else ""
-        )
-        raise TypeError(f"`phi` must have a floating dtype ({kinds}), got {dtype}.")
     return jnp.asarray(phi)
 
 

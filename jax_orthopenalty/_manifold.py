@@ -46,6 +46,7 @@ from ._layout import (
     check_beta,
     check_phi,
     make_layout,
+    real_dtype,
     zero_groups,
 )
 from ._polar import NEAR_ORTHONORMAL as NEAR_ORTHONORMAL
@@ -111,8 +112,14 @@ def _check_group(phi: jax.Array, updates: Any, vector_axis: Any, column_axis: in
     u_shape = getattr(updates, "shape", None)
     if u_shape != phi.shape:
         raise ValueError(f"`updates` has shape {u_shape}, the params leaf {phi.shape}.")
-    if not jnp.issubdtype(updates.dtype, jnp.floating):
+    if not jnp.issubdtype(updates.dtype, jnp.inexact):
         raise TypeError(f"`updates` must have a floating dtype, got {updates.dtype}.")
+    if jnp.issubdtype(updates.dtype, jnp.complexfloating) and not jnp.issubdtype(
+        phi.dtype, jnp.complexfloating
+    ):
+        raise TypeError(
+            f"`updates` is complex ({updates.dtype}) but the params leaf is {phi.dtype}."
+        )
     return layout
 
 
@@ -124,6 +131,11 @@ def _acc_dtype(phi: jax.Array, updates: jax.Array) -> Any:
 def _eye_like(c: jax.Array) -> jax.Array:
     n = c.shape[-1]
     return jnp.eye(n, dtype=c.dtype).reshape((1,) * (c.ndim - 2) + (n, n))
+
+
+def _abs2(x: jax.Array) -> jax.Array:
+    """:math:`|x|^2` entrywise, real (the square for real x)."""
+    return jnp.real(x * jnp.conj(x))
 
 
 def _per_group(layout: Layout, x: jax.Array) -> jax.Array:
@@ -152,12 +164,15 @@ def _landing_leaf(
     layout = _check_group(phi, updates, vector_axis, column_axis)
     acc = _acc_dtype(phi, updates)
     x, g = phi.astype(acc), updates.astype(acc)
-    lam = check_beta(lam, acc, name="lam").astype(acc)
+    complex_ = jnp.issubdtype(acc, jnp.complexfloating)
+    if complex_:  # jax.grad's convention in and out: the updates are conj(G)
+        g = jnp.conj(g)
+    lam = check_beta(lam, real_dtype(acc), name="lam").astype(real_dtype(acc))
     c = _contract.gram(layout, x, precision=precision, acc=acc)
-    # The cross Gram G_i^T X_i: the Gram's einsum with two operands.
+    # The cross Gram G_i^H X_i: the Gram's einsum with two operands.
     s = jnp.einsum(
         layout.gram_subscripts,
-        g,
+        jnp.conj(g),
         x,
         precision=precision,
         preferred_element_type=acc,
@@ -168,14 +183,18 @@ def _landing_leaf(
     # checks it), formed here from the C already at hand: a Gram and a product fewer.
     along = _contract.apply(layout, g, 0.5 * c, precision=precision)
     if safe_step is None:
-        return (
-            along + _contract.apply(layout, x, lam * residual - 0.5 * s, precision=precision)
-        ).astype(updates.dtype)
-    # The safe step needs the norm of the tangent part psi(X) X on its own.
-    tangent = along - _contract.apply(layout, x, 0.5 * s, precision=precision)
-    field = tangent + _contract.apply(layout, x, lam * residual, precision=precision)
-    field = field * _safe_scale(layout, tangent, residual, lam, safe_step, learning_rate)
-    return field.astype(updates.dtype)
+        field = along + _contract.apply(
+            layout, x, lam.astype(acc) * residual - 0.5 * s, precision=precision
+        )
+    else:
+        # The safe step needs the norm of the tangent part psi(X) X on its own.
+        tangent = along - _contract.apply(layout, x, 0.5 * s, precision=precision)
+        field = tangent + _contract.apply(
+            layout, x, lam.astype(acc) * residual, precision=precision
+        )
+        scale = _safe_scale(layout, tangent, residual, lam, safe_step, learning_rate)
+        field = field * scale.astype(field.dtype)
+    return (jnp.conj(field) if complex_ else field).astype(updates.dtype)
 
 
 def _safe_scale(
@@ -198,12 +217,12 @@ def _safe_scale(
     :math:`2(\varepsilon - d) / (\sqrt{\alpha^2 + 4\beta(\varepsilon - d)} - \alpha)`
     (the same root, with no cancellation and no division by :math:`\beta = 0`).
     """
-    acc = tangent.dtype
+    acc = real_dtype(tangent.dtype)
     eps = jnp.asarray(eps).astype(acc)
     lr = jnp.asarray(learning_rate).astype(acc)
-    d = _per_group(layout, jnp.sqrt(jnp.sum(residual * residual, axis=(-2, -1))))
+    d = _per_group(layout, jnp.sqrt(jnp.sum(_abs2(residual), axis=(-2, -1))))
     a = jnp.sqrt(
-        jnp.sum(tangent * tangent, axis=(*layout.vector_axes, layout.column_axis), keepdims=True)
+        jnp.sum(_abs2(tangent), axis=(*layout.vector_axes, layout.column_axis), keepdims=True)
     )
     alpha = -2 * d * (lam + a)
     beta = a * a + lam * lam * d**3 + 2 * lam * a * d * d + a * a * d
@@ -372,6 +391,13 @@ def landing(
     start) no step is certified, and the field is left as it is: the
     :math:`\lambda` term then pulls the group in at a rate of about
     :math:`2\lambda\eta d` per step.
+
+    **Complex leaves** (the complex Stiefel manifold, :math:`X^H X = I`): the
+    updates are read in ``jax.grad``'s convention, :math:`\overline{G}`, and the
+    field is returned in it, :math:`\overline{\Lambda}` with the conjugate
+    transposes in place of the transposes: descend along the conjugate at apply
+    (``optax.apply_updates(params, optax.tree.conj(updates))``), as with
+    :func:`add_orthogonality_penalty`.
 
     **With optax.inject_hyperparams.** ``lam``, ``safe_step`` and
     ``learning_rate`` can be injected; a callable ``mask`` or
@@ -546,6 +572,13 @@ def project_orthonormal(
     in that whole group; Inf is NaN here. The updates are in their own dtype; for
     bfloat16 parameters ``apply_updates`` rounds :math:`X + u` to bfloat16, so the
     result is orthonormal to bfloat16 precision (about 1e-2).
+
+    **Complex leaves**: the result is the nearest matrix with orthonormal columns
+    (:math:`Q^H Q = I`) to :math:`X + u`, by the same routes, with exact
+    derivatives. :math:`u` is the step as ``optax.apply_updates`` applies it: with
+    ``jax.grad``'s convention, conjugate before the projection,
+    ``optax.chain(optax.sgd(lr), optax.stateless(lambda u, _: optax.tree.conj(u)),
+    jop.project_orthonormal())``.
 
     **With optax.inject_hyperparams.** There is nothing numeric to inject; a
     callable ``mask`` or ``dimension_numbers`` must be in ``static_args``.

@@ -399,7 +399,7 @@ jax.tree_util.register_dataclass(
 
 
 def _prepare(phi: ArrayLike, beta: ArrayLike, **options: Any) -> tuple[Spec, jax.Array, jax.Array]:
-    phi_arr = check_phi(phi, allow_complex=True)
+    phi_arr = check_phi(phi)
     spec = make_spec(phi_arr, **options)
     beta_arr = check_beta(beta, real_dtype(accumulation_dtype(phi_arr.dtype)))
     return spec, phi_arr, beta_arr
@@ -706,7 +706,7 @@ def orthogonality_error(
       >>> jop.orthogonality_error(2 * jnp.eye(2), off_diagonal=True)   # angles only
       Array(0., dtype=float32)
     """
-    phi_arr = check_phi(phi, allow_complex=True)
+    phi_arr = check_phi(phi)
     spec = Spec(
         layout=make_layout(phi_arr.ndim, vector_axis, column_axis),
         rule=make_rule("l1", "zero"),

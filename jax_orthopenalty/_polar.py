@@ -54,6 +54,11 @@ the solution for the right side :math:`2I`) is a ``lax.custom_linear_solve``, wh
 derivatives are again solves with the same operator, so every order of forward and
 reverse mode is exact and NaN-free for finite full-rank input; none of it
 differentiates an ``eigh``.
+
+Complex groups (the nearest matrix with orthonormal columns, :math:`Q^H Q = I`) take
+the same routes with conjugate transposes: :math:`E` and :math:`H` are Hermitian, and
+the Lyapunov operator's transpose, needed by reverse mode, is the solve with
+:math:`\overline{H}`.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from . import _contract
-from ._layout import Layout
+from ._layout import Layout, real_dtype
 from ._matrix_norms import max_or_nan
 
 __all__ = ["DEGREES", "NEAR_ORTHONORMAL", "polar", "radii"]
@@ -118,8 +123,19 @@ def _eye_like(c: jax.Array) -> jax.Array:
     return jnp.eye(n, dtype=c.dtype).reshape((1,) * (c.ndim - 2) + (n, n))
 
 
+def _h(c: jax.Array) -> jax.Array:
+    """The conjugate transpose of a stack of matrices (the transpose if real)."""
+    return jnp.conj(jnp.swapaxes(c, -1, -2))
+
+
 def _sym(c: jax.Array) -> jax.Array:
-    return 0.5 * (c + jnp.swapaxes(c, -1, -2))
+    """The Hermitian (symmetric if real) part."""
+    return 0.5 * (c + _h(c))
+
+
+def _abs2(e: jax.Array) -> jax.Array:
+    """:math:`|e|^2` entrywise, real."""
+    return jnp.real(e * jnp.conj(e))
 
 
 def _mm(a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
@@ -129,14 +145,14 @@ def _mm(a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
 
 def _frobenius(e: jax.Array) -> jax.Array:
     """The largest Frobenius norm over all groups: NaN if any group has NaN."""
-    return jnp.sqrt(max_or_nan(jnp.sum(e * e, axis=(-2, -1)), axis=None))
+    return jnp.sqrt(max_or_nan(jnp.sum(_abs2(e), axis=(-2, -1)), axis=None))
 
 
 def _cross(layout: Layout, a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
-    r""":math:`A_i^\top B_i`, ``(groups..., n, n)``: plain JAX, for the derivative rule."""
+    r""":math:`A_i^H B_i`, ``(groups..., n, n)``: plain JAX, for the derivative rule."""
     return jnp.einsum(
         layout.gram_subscripts,
-        a,
+        jnp.conj(a),
         b,
         precision=precision,
         preferred_element_type=a.dtype,
@@ -182,7 +198,7 @@ def _series(e: jax.Array, e2: jax.Array | None, degree: int, precision: Any) -> 
 
 def _polar_eigh(layout: Layout, y: jax.Array, c: jax.Array, precision: Any) -> jax.Array:
     w, v = jnp.linalg.eigh(c)
-    inv_sqrt = _mm(v * jax.lax.rsqrt(w)[..., None, :], jnp.swapaxes(v, -1, -2), precision)
+    inv_sqrt = _mm(v * jax.lax.rsqrt(w)[..., None, :].astype(v.dtype), _h(v), precision)
     return _contract.apply(layout, y, inv_sqrt, precision=precision)
 
 
@@ -221,7 +237,7 @@ def _named_svd(layout: Layout, y: jax.Array, precision: Any) -> jax.Array:
 def _polar_exact(
     layout: Layout, y: jax.Array, c: jax.Array, e: jax.Array, precision: Any
 ) -> jax.Array:
-    distance2 = jnp.sum(e * e, axis=(-2, -1))
+    distance2 = jnp.sum(_abs2(e), axis=(-2, -1))
     near = jnp.all(distance2 <= NEAR_ORTHONORMAL**2)  # False for NaN
     return cast(
         jax.Array,
@@ -236,14 +252,14 @@ def _polar_exact(
 def _polar_primal(layout: Layout, y: jax.Array, precision: Any) -> jax.Array:
     c = _sym(_contract.gram(layout, y, precision=precision, acc=y.dtype))
     e = c - _eye_like(c)
-    bounds = radii(y.dtype)
+    bounds = radii(real_dtype(y.dtype))  # complex64: float32's
 
     def first() -> jax.Array:
         return _contract.apply(layout, y, _series(e, None, 1, precision), precision=precision)
 
     def higher() -> jax.Array:
         e2 = _mm(e, e, precision)
-        rho = jnp.sqrt(_frobenius(e2))  # >= ||E||_2, as E is symmetric
+        rho = jnp.sqrt(_frobenius(e2))  # >= ||E||_2, as E is Hermitian
         # The first degree whose radius holds; NaN passes every test and falls back.
         index = jnp.sum(~(rho <= jnp.asarray(bounds[1:], rho.dtype)))
 
@@ -262,21 +278,34 @@ def _polar_primal(layout: Layout, y: jax.Array, precision: Any) -> jax.Array:
 
 
 def _lyapunov(h: jax.Array, k: jax.Array, precision: Any) -> jax.Array:
-    r"""The solution :math:`X` of :math:`HX + XH = K` for symmetric positive definite
+    r"""The solution :math:`X` of :math:`HX + XH = K` for Hermitian positive definite
     :math:`H`, per group; differentiable to any order without differentiating ``eigh``."""
 
     def matvec(x: jax.Array) -> jax.Array:
         return _mm(h, x, precision) + _mm(x, h, precision)
 
-    def solve(_: Any, b: jax.Array) -> jax.Array:
-        w, v = jnp.linalg.eigh(h)
-        vt = jnp.swapaxes(v, -1, -2)
-        inner = _mm(_mm(vt, b, precision), v, precision)
-        inner = inner / (w[..., :, None] + w[..., None, :])
-        return _mm(_mm(v, inner, precision), vt, precision)
+    def eigen_solve(hh: jax.Array, b: jax.Array) -> jax.Array:
+        w, v = jnp.linalg.eigh(hh)
+        inner = _mm(_mm(_h(v), b, precision), v, precision)
+        inner = inner / (w[..., :, None] + w[..., None, :]).astype(inner.dtype)
+        return _mm(_mm(v, inner, precision), _h(v), precision)
 
-    # The operator is self-adjoint: the transposed solve is the solve.
-    return cast(jax.Array, jax.lax.custom_linear_solve(matvec, k, solve, symmetric=True))
+    if not jnp.issubdtype(h.dtype, jnp.complexfloating):
+        # The operator is self-adjoint: the transposed solve is the solve.
+        return cast(
+            jax.Array,
+            jax.lax.custom_linear_solve(matvec, k, lambda _, b: eigen_solve(h, b), symmetric=True),
+        )
+    # Complex: the transpose of X -> HX + XH is X -> H^T X + X H^T, with H^T = conj(H).
+    return cast(
+        jax.Array,
+        jax.lax.custom_linear_solve(
+            matvec,
+            k,
+            lambda _, b: eigen_solve(h, b),
+            transpose_solve=lambda _, b: eigen_solve(jnp.conj(h), b),
+        ),
+    )
 
 
 def polar(layout: Layout, y: jax.Array, *, precision: Any) -> jax.Array:
@@ -297,7 +326,7 @@ def polar(layout: Layout, y: jax.Array, *, precision: Any) -> jax.Array:
         q = fn(x)  # through fn: the next order of differentiation is this rule again
         h = _sym(_cross(layout, q, x, precision))
         qt_dx = _cross(layout, q, dx, precision)
-        omega = _lyapunov(h, qt_dx - jnp.swapaxes(qt_dx, -1, -2), precision)
+        omega = _lyapunov(h, qt_dx - _h(qt_dx), precision)
         h_inv = _lyapunov(h, 2 * _eye_like(h), precision)
         # (I - Q Q^T) dX H^{-1}: never an l x l matrix.
         normal = _times(layout, dx, h_inv, precision) - _times(

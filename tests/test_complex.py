@@ -521,11 +521,111 @@ def test_real_valued_callable_subgradient_raises_for_complex() -> None:
     )
 
 
-def test_complex_leaves_in_real_only_paths_raise_naming_the_leaf() -> None:
-    params = {"layer": {"u": jnp.asarray(HADAMARD, jnp.complex64)}, "r": jnp.eye(2)}
-    for tx in (jop.landing(), jop.project_orthonormal()):
-        with pytest.raises(TypeError, match=r"params leaf \['layer'\]\['u'\]: `phi` must be real"):
-            tx.update(params, tx.init(params), params)
+# --------------------------------------------------------------------------- manifold
+
+
+def _polar_ref(y: np.ndarray) -> np.ndarray:
+    """The nearest matrix with orthonormal (unitary) columns: U V^H of the SVD."""
+    u, _, vh = np.linalg.svd(y, full_matrices=False)
+    return u @ vh
+
+
+def _landing_ref(x: np.ndarray, u: np.ndarray, lam: float) -> np.ndarray:
+    """The landing field in jax.grad's convention: updates u = conj(G), field conj(Lambda),
+    Lambda = 1/2 (G X^H X - X G^H X) + lam X (X^H X - I)."""
+    g = np.conj(u)
+    c = x.conj().T @ x
+    field = 0.5 * (g @ c - x @ (g.conj().T @ x)) + lam * x @ (c - np.eye(x.shape[1]))
+    return np.conj(field)
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.complex128])
+def test_landing_field_and_projection_of_complex_leaves(dtype: Any) -> None:
+    rng = np.random.default_rng(21)
+    rtol = 2e-5 if dtype == jnp.complex64 else 1e-12
+    with jax.enable_x64(dtype == jnp.complex128):
+        x = _cnormal(rng, (9, 4))
+        u = _cnormal(rng, (9, 4), scale=1.0)
+        params, updates = {"w": jnp.asarray(x, dtype)}, {"w": jnp.asarray(u, dtype)}
+        tx = jop.landing(0.7)
+        got = tx.update(updates, tx.init(params), params)[0]["w"]
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, _landing_ref(x, u, 0.7), rtol=rtol, atol=rtol)
+        # The projection lands on the polar factor of X + u: near (the series) and far
+        # (eigh / SVD) from unitary columns.
+        q = np.linalg.qr(_cnormal(rng, (9, 4)))[0]
+        for start, step in ((q, 1e-3), (q, 0.1), (x, 1.0)):
+            p = {"w": jnp.asarray(start, dtype)}
+            d = {"w": jnp.asarray(step * u, dtype)}
+            tp = jop.project_orthonormal()
+            new = optax.apply_updates(p, tp.update(d, tp.init(p), p)[0])["w"]
+            np.testing.assert_allclose(
+                new, _polar_ref(start + step * u), rtol=10 * rtol, atol=10 * rtol
+            )
+
+
+def test_derivatives_through_the_complex_projection() -> None:
+    from jax_orthopenalty import _polar
+
+    layout = make_layout(2, 0, -1)
+    rng = np.random.default_rng(22)
+    hi = jax.lax.Precision.HIGHEST
+    with jax.enable_x64(True):
+        a = jnp.asarray(_cnormal(rng, (8, 3)))
+        d = jnp.asarray(_cnormal(rng, (8, 3)))
+        loss = lambda y: jnp.real(jnp.sum(a * _polar.polar(layout, y, precision=hi)))  # noqa: E731
+        svd_loss = lambda y: jnp.real(jnp.sum(a * jnp.asarray(_svd_polar(y))))  # noqa: E731
+        q = jnp.asarray(np.linalg.qr(_cnormal(rng, (8, 3)))[0])
+        for y in (q, q + 0.1 * d):  # exactly unitary columns, and off them
+            h = 1e-6
+            fd = (loss(y + h * d) - loss(y - h * d)) / (2 * h)
+            # jax.grad's convention: d loss = Re sum(grad * d).
+            np.testing.assert_allclose(
+                jnp.real(jnp.sum(jax.grad(loss)(y) * d)), fd, rtol=1e-7, atol=1e-9
+            )
+            jvp = jax.jvp(lambda z: _polar.polar(layout, z, precision=hi), (y,), (d,))[1]
+            fdq = (
+                _polar.polar(layout, y + h * d, precision=hi)
+                - _polar.polar(layout, y - h * d, precision=hi)
+            ) / (2 * h)
+            np.testing.assert_allclose(jvp, fdq, rtol=1e-7, atol=1e-8)
+        y = q + 0.1 * d  # distinct singular values: autodiff of the SVD is a reference
+        np.testing.assert_allclose(jax.grad(loss)(y), jax.grad(svd_loss)(y), atol=1e-12)
+        hvp = jax.jvp(jax.grad(loss), (y,), (d,))[1]
+        fd2 = (jax.grad(loss)(y + h * d) - jax.grad(loss)(y - h * d)) / (2 * h)
+        np.testing.assert_allclose(hvp, fd2, rtol=1e-6, atol=1e-7)
+
+
+def _svd_polar(y: jax.Array) -> jax.Array:
+    u, _, vh = jnp.linalg.svd(y, full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.optax_promotion  # optax.sgd: see conftest.py
+def test_unitary_pca_by_landing_and_by_projection() -> None:
+    # The top-3 eigenspace of a Hermitian A: minimise -Re tr(X^H A X) over unitary
+    # columns. jax.grad's convention, so the descent step is the conjugate of the
+    # updates: at apply for landing (as for the penalty), before the projection.
+    rng = np.random.default_rng(23)
+    b = _cnormal(rng, (10, 10))
+    a = jnp.asarray(b @ b.conj().T / 10, jnp.complex64)
+    top = float(np.sort(np.linalg.eigvalsh(np.asarray(a, np.complex128)))[-3:].sum())
+    loss = lambda x: -jnp.real(jnp.trace(x.conj().T @ a @ x))  # noqa: E731
+    conj = optax.stateless(lambda u, _: optax.tree.conj(u))
+    for tx, after in (
+        (optax.chain(jop.landing(1.0), optax.sgd(0.02)), optax.tree.conj),
+        (optax.chain(optax.sgd(0.05), conj, jop.project_orthonormal()), lambda u: u),
+    ):
+
+        def step(carry: Any, _: Any, tx: Any = tx, after: Any = after) -> Any:
+            x, state = carry
+            u, state = tx.update(jax.grad(loss)(x), state, x)
+            return (optax.apply_updates(x, after(u)), state), None
+
+        x0 = jnp.asarray(_cnormal(rng, (10, 3)), jnp.complex64)
+        (x, _), _ = jax.lax.scan(step, (x0, tx.init(x0)), None, length=1500)
+        assert abs(float(loss(x)) + top) < 1e-4 * top
+        np.testing.assert_allclose(x.conj().T @ x, np.eye(3), atol=1e-5)
 
 
 def test_bad_dtypes_and_betas() -> None:

@@ -835,9 +835,11 @@ def test_apply_if_finite_placement_on_the_page_catches_the_nan() -> None:
     # executed pages): run it, and its `tx` rejects the penalty's NaN.
     page = (Path(__file__).resolve().parents[1] / "docs" / "failure-modes.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", page, flags=re.M | re.S)
-    assert len(blocks) == 1
+    assert len(blocks) == 2  # apply_if_finite, and the complex projection's chain
     namespace: dict[str, Any] = {}
-    exec(compile(blocks[0], "docs/failure-modes.md", "exec"), namespace)
+    for block in blocks:
+        exec(compile(block, "docs/failure-modes.md", "exec"), namespace)
+    assert isinstance(namespace["unitary_tx"], optax.GradientTransformation)
     tx = namespace["tx"]
     params, grads = _overflowing_params()
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)

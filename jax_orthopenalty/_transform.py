@@ -65,6 +65,12 @@ class OrthoDims(NamedTuple):
     * kernels stacked by ``nn.scan``/``jax.lax.scan``, ``(layers, in, out)``:
       ``OrthoDims(vector_axis=1, column_axis=2)``; the layer axis is a group axis.
       (The default layout would take the layer axis for the vectors.)
+    * a wide matrix (more outputs than inputs, ``n > l``): its rows,
+      ``OrthoDims(vector_axis=1, column_axis=0)`` for ``(in, out)``.
+
+    For a flax (linen, nnx) or equinox model, :func:`dimension_numbers_for` gives
+    every leaf's layout from its module type, and :func:`summary` prints what a
+    transform selects and how.
 
     Attributes:
       vector_axis: the axis of the vectors, or a tuple of axes flattened together

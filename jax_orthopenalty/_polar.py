@@ -327,7 +327,8 @@ def polar(layout: Layout, y: jax.Array, *, precision: Any) -> jax.Array:
         h = _sym(_cross(layout, q, x, precision))
         qt_dx = _cross(layout, q, dx, precision)
         omega = _lyapunov(h, qt_dx - _h(qt_dx), precision)
-        h_inv = _lyapunov(h, 2 * _eye_like(h), precision)
+        # 2I in the type of h (its shape, and under shard_map its varying axes).
+        h_inv = _lyapunov(h, 2 * _eye_like(h) + jnp.zeros_like(h), precision)
         # (I - Q Q^T) dX H^{-1}: never an l x l matrix.
         normal = _times(layout, dx, h_inv, precision) - _times(
             layout, q, _mm(qt_dx, h_inv, precision), precision

@@ -109,13 +109,16 @@ def check(
         zeros = jax.tree.map(jnp.zeros_like, p64)
         add = jop.add_orthogonality_penalty(BETA, dimension_numbers=dims)
         grads = jax.jit(add.update)(zeros, add.init(p64), p64)[0]
-        value = jop.tree_orthogonality_penalty(p64, BETA, dimension_numbers=dims)
+        # Jitted, each: op by op, a model's worth of leaves costs a compile per op.
+        value = jax.jit(lambda p: jop.tree_orthogonality_penalty(p, BETA, dimension_numbers=dims))(
+            p64
+        )
         moved = zeros
         if project:
             proj = jop.project_orthonormal(dimension_numbers=dims)
             moved = jax.jit(proj.update)(zeros, proj.init(p64), p64)[0]
         landing = jop.landing(1.0, dimension_numbers=dims)
-        landed = landing.update(zeros, landing.init(p64), p64)[0]
+        landed = jax.jit(landing.update)(zeros, landing.init(p64), p64)[0]
         leaves, layouts = by_path(p64), by_path(dims, _is_dims)
         grads, moved, landed = by_path(grads), by_path(moved), by_path(landed)
     assert set(kinds) <= set(leaves), set(kinds) - set(leaves)

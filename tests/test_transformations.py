@@ -334,6 +334,13 @@ KINDS: dict[str, tuple[str, ...]] = {
     "export": ("python_float", "traced"),
     "set_mesh": ("python_float", "jax_strong", "traced"),
 }
+# And of each entry: beta reaches every entry point through the same check_beta, which
+# the cheap entries (penalty, penalty_grad, update, tree) run with every kind; the
+# slowest entries take a constant and a traced beta, to keep the suite short.
+ENTRY_KINDS: dict[str, tuple[str, ...]] = {
+    entry: ("python_float", "traced")
+    for entry in ("lazy_update", "matrix_norms", "penalty_family", "landing_project")
+}
 
 
 # --------------------------------------------------------------------------- the matrix
@@ -366,30 +373,14 @@ def _reference(entry: str, transform: str, beta_kind: str) -> tuple[jax.Array, A
     return jax.value_and_grad(plain, argnums=(0, 1) if traced else 0)(PHI, beta)
 
 
-# jax 0.10's JVP of jnp.linalg.svd (its _construct_diagonal) broadcasts a sharded
-# batch of singular values to an unsharded type and raises under an Explicit mesh:
-# differentiating *through* project_orthonormal's SVD route fails there. The update
-# itself works under set_mesh (test_set_mesh.py). Strict: it shows when jax fixes it.
-_SVD_JVP_UNDER_SET_MESH = pytest.mark.xfail(
-    raises=ValueError, strict=True, reason="jax: svd's JVP under an Explicit mesh"
-)
-
-
-def _case(entry: str, transform: str, beta_kind: str) -> Any:
-    if (entry, transform) == ("landing_project", "set_mesh"):
-        return pytest.param(entry, transform, beta_kind, marks=_SVD_JVP_UNDER_SET_MESH)
-    return (entry, transform, beta_kind)
-
-
 @pytest.mark.parametrize(
     ("entry", "transform", "beta_kind"),
     [
-        _case(entry, transform, beta_kind)
+        (entry, transform, beta_kind)
         for entry in ENTRY_POINTS
         for transform in TRANSFORMATIONS
         for beta_kind in KINDS.get(transform, tuple(BETAS))
-        # every=k shares the update's code path: two kinds of beta keep it short.
-        if entry != "lazy_update" or beta_kind in ("python_float", "traced")
+        if beta_kind in ENTRY_KINDS.get(entry, tuple(BETAS))
     ],
 )
 def test_matrix(entry: str, transform: str, beta_kind: str) -> None:

@@ -36,7 +36,7 @@ DTYPES = ["float16", "bfloat16", "float32", "float64"]
 OUT_EPS = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
 ACC_EPS = {"float16": 2.0**-24, "bfloat16": 2.0**-24, "float32": 2.0**-24, "float64": 2.0**-53}
 FUZZ = settings(
-    max_examples=80,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -300,7 +300,7 @@ def _flip_bound(
     return out
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     layout=layouts(),
     opts=options(norms=("l1",)),  # the smooth norms have no kink
@@ -344,7 +344,7 @@ def test_exact_kinks_match_reference(
         np.testing.assert_allclose(np.where(over, 0.0, got), fits, rtol=0, atol=tol * scale)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(layout=layouts(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
 def test_error_matches_reference(
     layout: tuple[tuple[int, ...], Any, int], dtype: str, seed: int
@@ -436,7 +436,7 @@ def _expect_valid(call: dict[str, Any]) -> bool:
     return type(beta) in (int, float)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(call=raw_calls())
 def test_invalid_calls_raise_value_or_type_error(call: dict[str, Any]) -> None:
     """Every call either works (and then matches the reference) or raises ValueError

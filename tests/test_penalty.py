@@ -459,7 +459,7 @@ def _random_orthogonal(rng, l):
     return q * np.sign(np.diag(r))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), l=st.integers(2, 6), m=st.integers(1, 4))
 def test_invariant_under_orthogonal_q_on_each_group(seed, l, m):
     # (Q Phi_i)^T (Q Phi_i) = Phi_i^T Phi_i, so the penalty is unchanged, and the
@@ -480,7 +480,7 @@ def test_invariant_under_orthogonal_q_on_each_group(seed, l, m):
     )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 6))
 def test_permuting_groups_permutes_the_gradient(seed, m):
     rng = np.random.default_rng(seed)
@@ -496,7 +496,7 @@ def test_permuting_groups_permutes_the_gradient(seed, m):
     )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     a=st.floats(-4, 4, allow_nan=False),
@@ -529,7 +529,7 @@ def layouts(draw):
     return shape, vector_axis, column
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     layout=layouts(),
     seed=st.integers(0, 2**31 - 1),

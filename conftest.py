@@ -11,7 +11,10 @@ that build them. The package's own paths, the transform's update included, are r
 under strict promotion by the rest of the suite (tests/test_transformations.py).
 """
 
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import jax
@@ -19,6 +22,32 @@ import pytest
 from _pytest.doctest import DoctestItem
 
 _OPTAX_STEP_COUNT = re.compile(r"optax\.(adam|adamw|scale_by_adam|\w+_schedule)\b")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One persistent compilation cache for the whole run, unless one is set already.
+
+    The xdist workers and the tests' subprocesses inherit the environment, so a
+    program that several tests compile (the matrix's beta kinds often lower to the
+    same one) is compiled once. The cache lives for this run only.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ or hasattr(config, "workerinput"):
+        _use_cache()
+        return
+    cache = tempfile.mkdtemp(prefix="jax_orthopenalty-jax-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    _use_cache()
+
+
+def _use_cache() -> None:
+    # jax read its environment when it was imported, before this hook: set it here too.
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

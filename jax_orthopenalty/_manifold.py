@@ -50,7 +50,7 @@ from ._layout import (
     zero_groups,
 )
 from ._polar import NEAR_ORTHONORMAL as NEAR_ORTHONORMAL
-from ._polar import polar
+from ._polar import _abs2, _eye_like, polar
 from ._transform import (
     DimensionNumbers,
     MaskOrFn,
@@ -126,16 +126,6 @@ def _check_group(phi: jax.Array, updates: Any, vector_axis: Any, column_axis: in
 def _acc_dtype(phi: jax.Array, updates: jax.Array) -> Any:
     """float32 or wider: the wider of the two accumulation dtypes (never a half type)."""
     return jnp.promote_types(accumulation_dtype(phi.dtype), accumulation_dtype(updates.dtype))
-
-
-def _eye_like(c: jax.Array) -> jax.Array:
-    n = c.shape[-1]
-    return jnp.eye(n, dtype=c.dtype).reshape((1,) * (c.ndim - 2) + (n, n))
-
-
-def _abs2(x: jax.Array) -> jax.Array:
-    """:math:`|x|^2` entrywise, real (the square for real x)."""
-    return jnp.real(x * jnp.conj(x))
 
 
 def _per_group(layout: Layout, x: jax.Array) -> jax.Array:

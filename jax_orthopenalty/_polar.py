@@ -119,6 +119,7 @@ def radii(dtype: Any) -> tuple[float, ...]:
 
 
 def _eye_like(c: jax.Array) -> jax.Array:
+    """The identity, broadcastable against a ``(groups..., n, n)`` stack (also landing's)."""
     n = c.shape[-1]
     return jnp.eye(n, dtype=c.dtype).reshape((1,) * (c.ndim - 2) + (n, n))
 
@@ -134,7 +135,7 @@ def _sym(c: jax.Array) -> jax.Array:
 
 
 def _abs2(e: jax.Array) -> jax.Array:
-    """:math:`|e|^2` entrywise, real."""
+    """:math:`|e|^2` entrywise, real (the square for real e; also landing's)."""
     return jnp.real(e * jnp.conj(e))
 
 

@@ -288,9 +288,10 @@ def run_geotorch(steps: int = 3000, lr: float = 0.05, seed: int = 0) -> dict[str
 STEP_LEAVES = ((784, 512), (512, 512))
 """The MLP 784-512-512-10's two square-ish kernels: the leaves of the step-cost rows."""
 
-STEP_DISTANCES = (1e-4, 3e-3, 3e-2, 0.1, 0.16, 0.4)
-"""Targets for the largest ``||Y^T Y - I||_F`` after the step: degrees 1, 2, 4, 6, 8 of
-the series, and the ``eigh`` route beyond."""
+STEP_DISTANCES = (1e-4, 1e-3, 1.5e-2, 8e-2, 0.17, 0.25, 0.4)
+"""Targets for the largest ``||Y^T Y - I||_F`` after the step: degree 1 of the series
+twice (1e-3: the MLP's ``sgd(1e-3)`` steps), degrees 2, 4, 6, 8 by the Frobenius bound,
+and the ``eigh`` route beyond."""
 
 
 def run_step_cost(
@@ -346,15 +347,18 @@ def run_step_cost(
                 jax.block_until_ready(steps[name](params, grads))
                 times[name].append(time.perf_counter() - t)
         med = {name: float(np.median(v)) for name, v in times.items()}
-        e_bound = max(
-            float(np.linalg.norm(np.asarray(y).T @ np.asarray(y) - np.eye(y.shape[1])))
+        leaf_distances = [
+            (
+                y.shape[0],
+                float(np.linalg.norm(np.asarray(y).T @ np.asarray(y) - np.eye(y.shape[1]))),
+            )
             for y in (params[k] - lr * grads[k] for k in params)
-        )
+        ]
         rows.append(
             {
                 "target": target,
                 "distance": distance(lr),
-                "route": _route(e_bound),
+                "route": _route(leaf_distances),
                 "penalty_ms": 1e3 * med["penalty"],
                 "project_ms": 1e3 * med["project"],
                 "ratio": med["project"] / med["penalty"],
@@ -363,15 +367,21 @@ def run_step_cost(
     return {"leaves": [list(s) for s in leaves], "reps": reps, "rows": rows}
 
 
-def _route(frobenius: float) -> str:
-    """Which route ``polar`` takes for float32 groups at this largest ||E||_F (the
-    degree from the Frobenius bound: the tighter ||E^2|| bound may pick a lower one)."""
+def _route(leaf_distances: list[tuple[int, float]]) -> str:
+    """Which route ``polar`` takes for float32 leaves at these ``(l, ||E||_F)``: the
+    highest over the leaves (the degree from the Frobenius bound: the tighter ||E^2||
+    bound may pick a lower one)."""
     from jax_orthopenalty import _polar
 
-    for degree, radius in zip(_polar.DEGREES, _polar.radii(np.float32), strict=True):
-        if frobenius <= radius:
-            return f"series, degree <= {degree}"
-    return "eigh" if frobenius <= _polar.NEAR_ORTHONORMAL else "svd"
+    def index(length: int, frobenius: float) -> int:
+        radii = _polar.radii(np.float32, length)
+        degrees = [i for i, r in enumerate(radii) if frobenius <= r]
+        if degrees:
+            return degrees[0]
+        return len(radii) + (frobenius > _polar.NEAR_ORTHONORMAL)
+
+    names = [f"series, degree <= {d}" for d in _polar.DEGREES] + ["eigh", "svd"]
+    return names[max(index(*ld) for ld in leaf_distances)]
 
 
 def report_step_cost(cost: dict[str, Any]) -> str:

@@ -531,11 +531,15 @@ def project_orthonormal(
     polar factor is a truncated series, :math:`Y (I + E)^{-1/2} \approx Y\,p(E)` with
     :math:`E = Y^\top Y - I`, in matmuls only: one Gram matrix, one product with
     :math:`Y` and at most four :math:`n \times n` products. The degree (1, 2, 4, 6 or
-    8) comes from a bound on :math:`\|E\|_2` over all groups, so that the result is
-    the polar factor to the dtype's precision; degree 1 (no extra product, the cost of
-    one penalty gradient) holds for :math:`\|E\|_F \le 4 \cdot 10^{-4}` in float32.
-    Why a series and not Newton-Schulz, and the bounds: ``jax_orthopenalty._polar``.
-    Beyond degree 8's radius (0.19 in float32) it takes :math:`Y C^{-1/2}` from an
+    8) comes from a bound on :math:`\|E\|_2` over all groups, so that the series'
+    tail stays below :math:`\sqrt{l}\,u` (:math:`u` the unit roundoff, :math:`l` the
+    vectors' length), the rounding error the Gram matrix itself carries: the result
+    is the polar factor to the dtype's precision. Degree 1 (no extra product, the
+    cost of one penalty gradient) holds for :math:`\|E\|_F \le 2.1 \cdot 10^{-3}`
+    in float32 at :math:`l = 784` (``sgd(1e-3)`` steps on the MLP of
+    docs/performance.md give about :math:`10^{-3}`). Why a series and not
+    Newton-Schulz, and the bounds: ``jax_orthopenalty._polar``. Beyond degree 8's
+    radius (0.27 in float32 at :math:`l = 784`) it takes :math:`Y C^{-1/2}` from an
     ``eigh`` of the Gram matrix where every :math:`\|E_i\|_F \le 1/2`, else the thin
     SVD :math:`U V^\top` of every group (a first step from a random start, a
     rank-deficient group, NaN). The route is a ``lax.cond`` and a ``lax.switch`` on

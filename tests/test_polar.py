@@ -55,7 +55,7 @@ def _orthonormal(rng: np.random.Generator, l: int, n: int) -> np.ndarray:
 def _branch(y: np.ndarray, dtype: Any) -> int:
     """Which route the bound picks for one group: 0 ... 4 the degrees, 5 an exact route."""
     e = y.T @ y - np.eye(y.shape[1])
-    bounds = _polar.radii(jnp.dtype(dtype))
+    bounds = _polar.radii(jnp.dtype(dtype), y.shape[0])
     if np.linalg.norm(e) <= bounds[0]:
         return 0
     rho = math.sqrt(np.linalg.norm(e @ e))
@@ -66,16 +66,20 @@ def _branch(y: np.ndarray, dtype: Any) -> int:
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_radii_put_the_series_tail_at_half_an_epsilon(dtype: Any) -> None:
-    eps = float(np.finfo(dtype).eps)
-    bounds = _polar.radii(jnp.dtype(dtype))
+@pytest.mark.parametrize("length", [1, 64, 784])
+def test_radii_put_the_series_tail_at_the_grams_rounding_error(dtype: Any, length: int) -> None:
+    # The tail's target: sqrt(l) u, u = eps / 2 the unit roundoff.
+    target = float(np.finfo(dtype).eps) / 2 * math.sqrt(length)
+    bounds = _polar.radii(jnp.dtype(dtype), length)
     assert list(bounds) == sorted(bounds) and bounds[-1] < 1
     for d, r in zip(_polar.DEGREES, bounds, strict=True):
-        # The exact tail sum_{k > d} |c_k| r^k, summed far out: below eps / 2.
+        # The exact tail sum_{k > d} |c_k| r^k, summed far out: below the target.
         c = [abs(x) for x in _polar._coefficients(d + 400)]
         tail = sum(c[k] * r**k for k in range(d + 1, d + 400))
-        assert tail <= eps / 2
-        assert tail > eps / 4  # and not far below: the radius is not timid
+        assert tail <= target
+        assert tail > target / 2  # and not far below: the radius is not timid
+    # Longer vectors carry more rounding: never a smaller radius.
+    assert all(a <= b for a, b in zip(_polar.radii(jnp.dtype(dtype), 1), bounds, strict=True))
     # The coefficients are binom(-1/2, k).
     np.testing.assert_allclose(
         _polar._coefficients(4), [1, -1 / 2, 3 / 8, -5 / 16, 35 / 128], rtol=1e-15
@@ -86,7 +90,7 @@ def test_radii_put_the_series_tail_at_half_an_epsilon(dtype: Any) -> None:
 
 # Distances from the manifold that land in every route (checked in the test).
 NEAR = {
-    jnp.float32: [0.0, 1e-5, 5e-4, 6e-3, 2.5e-2, 0.035, 0.3],
+    jnp.float32: [0.0, 1e-5, 5e-4, 6e-3, 2.5e-2, 0.035, 0.05, 0.3],
     jnp.float64: [0.0, 1e-9, 1e-7, 3e-5, 1e-3, 7e-3, 0.1],
 }
 

@@ -25,12 +25,18 @@ _OPTAX_STEP_COUNT = re.compile(r"optax\.(adam|adamw|scale_by_adam|\w+_schedule)\
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One persistent compilation cache for the whole run, unless one is set already.
+    """One persistent compilation cache for the whole run, unless one is set already,
+    and one directory for the multi-device scripts' records (tests/host_devices.py).
 
     The xdist workers and the tests' subprocesses inherit the environment, so a
     program that several tests compile (the matrix's beta kinds often lower to the
-    same one) is compiled once. The cache lives for this run only.
+    same one) is compiled once, and each multi-device script runs once. Both live for
+    this run only.
     """
+    if not hasattr(config, "workerinput"):
+        records = tempfile.mkdtemp(prefix="jax_orthopenalty-records-")
+        config.add_cleanup(lambda: shutil.rmtree(records, ignore_errors=True))
+        os.environ["JAX_ORTHOPENALTY_RECORDS_DIR"] = records
     if "JAX_COMPILATION_CACHE_DIR" in os.environ or hasattr(config, "workerinput"):
         _use_cache()
         return

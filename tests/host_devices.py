@@ -5,10 +5,15 @@ is first imported, and pytest has imported it already. So a module that needs N
 devices is also a script: its ``__main__`` computes, prints one line ``RECORDS
 <json>``, and its tests call :func:`run_as_script` and assert on the records. Nothing
 leaks into the test process.
+
+Within one pytest run (the root conftest.py names a directory in
+``JAX_ORTHOPENALTY_RECORDS_DIR``) a script runs once: the first xdist worker to ask
+runs it under a file lock and keeps its records there; the others wait and read them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -18,10 +23,26 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "RECORDS "
+RECORDS_DIR = "JAX_ORTHOPENALTY_RECORDS_DIR"
 
 
 def run_as_script(module_file: str, *, devices: int = 8, timeout: float = 240) -> Any:
-    """Runs ``python module_file`` with ``devices`` host devices; returns its records."""
+    """Runs ``python module_file`` with ``devices`` host devices; returns its records
+    (once per pytest run, shared by the workers: see the module docstring)."""
+    shared = os.environ.get(RECORDS_DIR)
+    if shared is None:
+        return _run(module_file, devices, timeout)
+    path = Path(shared) / f"{Path(module_file).stem}-{devices}.json"
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if path.exists():
+            return json.loads(path.read_text())
+        records = _run(module_file, devices, timeout)  # a failure writes nothing
+        path.write_text(json.dumps(records))
+        return records
+
+
+def _run(module_file: str, devices: int, timeout: float) -> Any:
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",

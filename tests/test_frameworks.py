@@ -7,6 +7,7 @@ matrix, the sign, 2 beta Phi G), and every other leaf must be skipped.
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -105,8 +106,9 @@ def check(
     landing (and, with ``project``, projection) in that layout; every other leaf is
     skipped."""
     with jax.enable_x64(True):
-        p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
-        zeros = jax.tree.map(jnp.zeros_like, p64)
+        # NumPy: an eager cast or zeros_like per leaf would compile one program each.
+        p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+        zeros = jax.tree.map(np.zeros_like, p64)
         add = jop.add_orthogonality_penalty(BETA, dimension_numbers=dims)
         grads = jax.jit(add.update)(zeros, add.init(p64), p64)[0]
         # Jitted, each: op by op, a model's worth of leaves costs a compile per op.
@@ -209,6 +211,7 @@ LINEN_KINDS = {
 }
 
 
+@functools.cache  # immutable: the model, its variables and inputs are shared by the tests
 def linen_zoo() -> tuple[nn.Module, Any, tuple[jax.Array, jax.Array]]:
     model = LinenZoo()
     inputs = (jnp.ones((2, 5, 5, 3)), jnp.zeros((2, 4), jnp.int32))
@@ -293,7 +296,7 @@ NNX_KINDS = {
 
 
 def test_nnx_every_leaf() -> None:
-    model = NnxZoo(nnx.Rngs(0))
+    model = nnx.jit(lambda: NnxZoo(nnx.Rngs(0)))()  # jitted: its initialisers op by op are slow
     dims = jop.dimension_numbers_for(model)
     check(nnx.as_pure(nnx.state(model, nnx.Param)), dims, NNX_KINDS)
 
@@ -401,7 +404,7 @@ EQX_KINDS = {
 
 
 def test_equinox_every_leaf() -> None:
-    model = EqxZoo(KEY)
+    model = eqx.filter_jit(EqxZoo)(KEY)  # jitted: its initialisers op by op are slow
     dims = jop.dimension_numbers_for(model)
     assert isinstance(dims, EqxZoo)
     check(eqx.filter(model, eqx.is_array), dims, EQX_KINDS, project=True)
@@ -498,14 +501,16 @@ def test_resnet_like_flax_imagenet() -> None:
         out, new = model.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
         return jnp.mean(out**2), new
 
+    # Jitted: op by op, a ResNet's gradient and every leaf's update compile per op.
+    grads, _ = jax.jit(jax.grad(loss, has_aux=True))(params, variables["batch_stats"])
     for tx in (
         optax.chain(jop.add_orthogonality_penalty(1e-3, dimension_numbers=dims), optax.adam(1e-3)),
         optax.chain(jop.landing(1.0, dimension_numbers=dims), optax.sgd(1e-2)),
         optax.chain(optax.sgd(1e-2), jop.project_orthonormal(dimension_numbers=dims)),
     ):
-        grads, _ = jax.grad(loss, has_aux=True)(params, variables["batch_stats"])
-        updates, _ = tx.update(grads, tx.init(params), params)
-        new = optax.apply_updates(params, updates)
+        new = jax.jit(lambda g, p, tx=tx: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))(
+            grads, params
+        )
         assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(new))
 
 

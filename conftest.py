@@ -33,19 +33,22 @@ def pytest_configure(config: pytest.Config) -> None:
     same one) is compiled once, and each multi-device script runs once. Both live for
     this run only.
     """
-    if not hasattr(config, "workerinput"):
-        records = tempfile.mkdtemp(prefix="jax_orthopenalty-records-")
-        config.add_cleanup(lambda: shutil.rmtree(records, ignore_errors=True))
-        os.environ["JAX_ORTHOPENALTY_RECORDS_DIR"] = records
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ or hasattr(config, "workerinput"):
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller made both
         _use_cache()
         return
-    cache = tempfile.mkdtemp(prefix="jax_orthopenalty-jax-cache-")
-    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    _run_directory(config, "JAX_ORTHOPENALTY_RECORDS_DIR", "records")
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _run_directory(config, "JAX_COMPILATION_CACHE_DIR", "jax-cache")
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     _use_cache()
+
+
+def _run_directory(config: pytest.Config, variable: str, what: str) -> None:
+    """A fresh temporary directory named in ``os.environ[variable]``, removed at the end."""
+    path = tempfile.mkdtemp(prefix=f"jax_orthopenalty-{what}-")
+    config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+    os.environ[variable] = path
 
 
 def _use_cache() -> None:

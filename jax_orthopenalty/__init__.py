@@ -15,9 +15,9 @@ from ._rules import Subgradient as Subgradient
 from ._rules import deadzone as deadzone
 from ._rules import huber as huber
 from ._rules import spectral as spectral
+from ._select import OrthoDims as OrthoDims
 from ._summary import summary as summary
 from ._transform import AddOrthogonalityPenaltyState as AddOrthogonalityPenaltyState
-from ._transform import OrthoDims as OrthoDims
 from ._transform import add_orthogonality_penalty as add_orthogonality_penalty
 from ._transform import tree_orthogonality_penalty as tree_orthogonality_penalty
 

@@ -62,7 +62,6 @@ The thresholds below were measured on a 2-core AVX-512 Xeon (a KVM guest) with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -73,8 +72,9 @@ from jax import custom_batching, lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ._layout import Layout
+from ._matrix import adjoint
 
-__all__ = ["Formulation", "apply", "choose", "explicit_sharding", "gram", "on_columns"]
+__all__ = ["Formulation", "apply", "choose", "explicit_sharding", "gram", "group_out_sharding"]
 
 Formulation = Literal["einsum", "batched", "halves", "unrolled"]
 
@@ -89,13 +89,6 @@ UNROLL_MAX_COLUMNS = 8
 
 UNROLL_GRAM = ((8, 128), (16, 32))
 """The Gram matrix is unrolled (over the rows) for ``n <= 8, l <= 128`` or ``n <= 16, l <= 32``."""
-
-
-def _sizes(layout: Layout, shape: Sequence[int]) -> tuple[int, int, int]:
-    """(m, l, n): the number of groups, the vector length and the columns per group."""
-    m = math.prod(shape[a] for a in layout.group_axes)
-    l = math.prod(shape[a] for a in layout.vector_axes)
-    return m, l, shape[layout.column_axis]
 
 
 def _is_static(size: Any) -> bool:
@@ -132,7 +125,7 @@ def choose(
     Returns:
       ``"einsum"``, ``"batched"``, ``"halves"`` or ``"unrolled"``.
     """
-    m, l, n = _sizes(layout, shape)
+    m, l, n = layout.sizes(shape)
     if not all(map(_is_static, (m, l, n))):
         # A symbolic size (shape polymorphism, as jax.export traces) is unknown here:
         # comparing it with a threshold would be inconclusive. The dot is right for
@@ -217,7 +210,7 @@ def _use_nt(layout: Layout, shape: Sequence[int]) -> bool:
     # faster library kernel (13% at (1152, 1, 256)); with one group the transposed
     # copy is the only phi-sized temporary. With many groups the second transpose
     # of phi would be a second phi-sized buffer; for the halves it measured slower.
-    m, _, n = _sizes(layout, shape)
+    m, _, n = layout.sizes(shape)
     return _is_static(m) and _is_static(n) and m == 1 and n >= 64
 
 
@@ -232,13 +225,6 @@ def _gram_dot(layout: Layout, x: jax.Array, y: jax.Array, precision: Any, acc: A
         precision=precision,
         preferred_element_type=acc,
     )
-
-
-def on_columns(layout: Layout, rows: jax.Array) -> jax.Array:
-    """A ``(groups..., n)`` array in ``phi``'s axis order, size 1 on the vector axes."""
-    order = (*layout.group_axes, layout.column_axis)
-    perm = sorted(range(len(order)), key=order.__getitem__)
-    return jnp.expand_dims(jnp.transpose(rows, perm), layout.vector_axes)
 
 
 def explicit_sharding(x: jax.Array) -> NamedSharding | None:
@@ -323,17 +309,12 @@ def gram(layout: Layout, phi: jax.Array, *, precision: Any, acc: Any) -> jax.Arr
         # The primal through `outer`, not `inner`: at the next order of
         # differentiation it is this rule again, never custom_vmap, which has none.
         y = _gram(layout, p, dp, precision, acc)
-        return outer(p), y + _adjoint(y)
+        return outer(p), y + adjoint(y)
 
     outer = jax.custom_jvp(inner)
     outer.defjvp(jvp)
     out: jax.Array = outer(phi)
     return out
-
-
-def _adjoint(a: jax.Array) -> jax.Array:
-    """The conjugate transpose of the last two axes (the transpose, for real ``a``)."""
-    return jnp.conj(jnp.swapaxes(a, -1, -2))
 
 
 def _gram(layout: Layout, x: jax.Array, y: jax.Array, precision: Any, acc: Any) -> jax.Array:
@@ -384,7 +365,7 @@ def _gram_halves(layout: Layout, phi: jax.Array, precision: Any, acc: Any) -> ja
     return jnp.concatenate(
         [
             jnp.concatenate([aa, ab], axis=-1),
-            jnp.concatenate([_adjoint(ab), bb], axis=-1),
+            jnp.concatenate([adjoint(ab), bb], axis=-1),
         ],
         axis=-2,
     )
@@ -525,7 +506,7 @@ def _apply_unrolled(layout: Layout, x: jax.Array, m: jax.Array) -> jax.Array:
     total: jax.Array | None = None
     for d in range(x.shape[layout.column_axis]):
         column = lax.slice_in_dim(x, d, d + 1, axis=layout.column_axis)
-        term = column * on_columns(layout, m[..., d, :])
+        term = column * layout.on_columns(m[..., d, :])
         total = term if total is None else total + term
     assert total is not None  # n >= 1: empty shapes take the einsum
     return total

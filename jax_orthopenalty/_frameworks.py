@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from ._transform import OrthoDims
+from ._select import OrthoDims
 
 __all__ = ["TABLE", "Row", "dimension_numbers_for", "markdown_table"]
 

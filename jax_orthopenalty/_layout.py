@@ -1,20 +1,21 @@
-r"""Step 1 of the data path: which axes of ``phi`` are what, and every static option.
+r"""Which axes of ``phi`` are what, and the checks on ``phi`` and ``beta``.
 
 Everything here runs at trace time on shapes and Python values, before any array
-arithmetic: the :class:`Layout` of ``phi`` (its vector, column and group axes, and
-the einsum subscripts of the two contractions), the checks on ``phi`` and ``beta``,
-and the :class:`Spec` that bundles a validated layout with the entrywise
-:class:`~jax_orthopenalty._rules.Rule` and the family flags. The contraction module
-(:mod:`._contract`) and the penalty (:mod:`._penalty`) both build on it; it imports
-neither.
+arithmetic: the :class:`Layout` of ``phi`` (its vector, column and group axes, and the
+einsum subscripts of the two contractions), the :class:`Axes` a user names (several
+column axes are folded into one by a reshape, at the edge, so the math below sees one),
+and the checks on ``phi`` and the strengths. It imports nothing from the package: the
+contractions (:mod:`._contract`), the options (:mod:`._options`) and everything above
+build on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -22,22 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ._rules import Norm, Rule, Subgradient, make_rule, subgradient_fn
-
 __all__ = [
     "DEFAULT_PRECISION",
     "NORMALIZE_EPS",
+    "Axes",
+    "ColumnAxis",
     "Layout",
-    "Spec",
     "VectorAxis",
     "accumulation_dtype",
     "check_beta",
-    "check_flag",
-    "check_normalize_eps",
     "check_phi",
+    "make_axes",
     "make_layout",
-    "make_spec",
     "real_dtype",
+    "zero_groups",
 ]
 
 DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
@@ -50,6 +49,7 @@ r"""The default ``normalize_eps``: ``normalize=True`` divides column :math:`j` b
 floor of :math:`10^{-7}` on the norm is ``normalize_eps=1e-14``."""
 
 VectorAxis = int | Sequence[int]
+ColumnAxis = int | Sequence[int]
 
 
 # --------------------------------------------------------------------------- layout
@@ -67,6 +67,26 @@ class Layout:
     def group_axes(self) -> tuple[int, ...]:
         used = {*self.vector_axes, self.column_axis}
         return tuple(a for a in range(self.ndim) if a not in used)
+
+    def sizes(self, shape: Sequence[Any]) -> tuple[Any, Any, Any]:
+        """``(m, l, n)``: the number of groups, the vectors' length, the columns per group."""
+        m = math.prod(shape[a] for a in self.group_axes)
+        l = math.prod(shape[a] for a in self.vector_axes)
+        return m, l, shape[self.column_axis]
+
+    def group_shape(self, shape: Sequence[Any]) -> tuple[Any, ...]:
+        """The shape of the group axes, in their order in ``phi``."""
+        return tuple(shape[a] for a in self.group_axes)
+
+    def on_groups(self, x: jax.Array) -> jax.Array:
+        """A ``(groups...)`` array, broadcastable against ``phi`` (size 1 on the rest)."""
+        return jnp.expand_dims(x, (*self.vector_axes, self.column_axis))
+
+    def on_columns(self, rows: jax.Array) -> jax.Array:
+        """A ``(groups..., n)`` array in ``phi``'s axis order, size 1 on the vector axes."""
+        order = (*self.group_axes, self.column_axis)
+        perm = sorted(range(len(order)), key=order.__getitem__)
+        return jnp.expand_dims(jnp.transpose(rows, perm), self.vector_axes)
 
     # einsum subscripts: one letter per axis of phi; the column axis gets a second
     # letter for the other side of the Gram matrix.
@@ -135,7 +155,62 @@ def _normalize_axis(name: str, axis: object, ndim: int) -> int:
     return axis % ndim
 
 
-def make_layout(ndim: int, vector_axis: VectorAxis, column_axis: int) -> Layout:
+def _axis_tuple(name: str, axis: object, ndim: int) -> tuple[int, ...]:
+    """One axis or a non-empty tuple of distinct axes, normalised to non-negative ints."""
+    if isinstance(axis, (tuple, list)):
+        if not axis:
+            raise ValueError(f"`{name}` must be an int or a non-empty tuple of ints, got ().")
+        axes = tuple(_normalize_axis(name, a, ndim) for a in axis)
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"`{name}`={tuple(axis)} names an axis twice.")
+        return axes
+    return (_normalize_axis(name, axis, ndim),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Axes:
+    """The axes a user names: vectors (flattened together) and columns (likewise).
+
+    Several column axes are folded into one, last, by :meth:`fold` (a transpose and a
+    reshape), and :attr:`inner` is the :class:`Layout` of the folded array; with one
+    column axis both are the identity. Errors name ``vector_axis`` and ``column_axis``.
+    """
+
+    ndim: int
+    vector_axes: tuple[int, ...]
+    column_axes: tuple[int, ...]
+
+    @functools.cached_property
+    def _perm(self) -> tuple[int, ...]:
+        rest = tuple(a for a in range(self.ndim) if a not in self.column_axes)
+        return (*rest, *self.column_axes)
+
+    @functools.cached_property
+    def inner(self) -> Layout:
+        """The layout of :meth:`fold`'s result."""
+        if len(self.column_axes) == 1:
+            return Layout(self.ndim, self.vector_axes, self.column_axes[0])
+        rest = self._perm[: self.ndim - len(self.column_axes)]
+        vectors = tuple(rest.index(a) for a in self.vector_axes)
+        return Layout(len(rest) + 1, vectors, len(rest))
+
+    def fold(self, x: jax.Array) -> jax.Array:
+        """``x`` with its column axes merged into one, last (``x`` itself for one axis)."""
+        if len(self.column_axes) == 1:
+            return x
+        t = jnp.transpose(x, self._perm)
+        k = len(self.column_axes)
+        return t.reshape((*t.shape[: self.ndim - k], math.prod(t.shape[self.ndim - k :])))
+
+    def unfold(self, y: jax.Array, shape: Sequence[Any]) -> jax.Array:
+        """The inverse of :meth:`fold`, for an array of the original ``shape``."""
+        if len(self.column_axes) == 1:
+            return y
+        t = y.reshape(tuple(shape[a] for a in self._perm))
+        return jnp.transpose(t, tuple(int(a) for a in np.argsort(self._perm)))
+
+
+def make_axes(ndim: int, vector_axis: VectorAxis, column_axis: ColumnAxis) -> Axes:
     """Validates the axes for a ``phi`` of rank ``ndim``."""
     if ndim + 1 > len(string.ascii_letters):
         raise ValueError(
@@ -147,159 +222,19 @@ def make_layout(ndim: int, vector_axis: VectorAxis, column_axis: int) -> Layout:
             f"`phi` must have rank >= 2 (vectors and columns), got rank {ndim}. "
             "A single vector is not a group: reshape it to (l, 1)."
         )
-    if isinstance(vector_axis, (tuple, list)):
-        if not vector_axis:
-            raise ValueError("`vector_axis` must be an int or a non-empty tuple of ints, got ().")
-        vector_axes = tuple(_normalize_axis("vector_axis", a, ndim) for a in vector_axis)
-        if len(set(vector_axes)) != len(vector_axes):
-            raise ValueError(f"`vector_axis`={tuple(vector_axis)} names an axis twice.")
-    else:
-        vector_axes = (_normalize_axis("vector_axis", vector_axis, ndim),)
-    column = _normalize_axis("column_axis", column_axis, ndim)
-    if column in vector_axes:
+    vector_axes = _axis_tuple("vector_axis", vector_axis, ndim)
+    column_axes = _axis_tuple("column_axis", column_axis, ndim)
+    if set(column_axes) & set(vector_axes):
         raise ValueError(
             f"`column_axis`={column_axis} overlaps `vector_axis`={vector_axis}: "
             "an axis is either contracted (vector) or indexes the columns, not both."
         )
-    return Layout(ndim, vector_axes, column)
+    return Axes(ndim, vector_axes, column_axes)
 
 
-# --------------------------------------------------------------------------- options
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """Everything static about one penalty: hashable, so it is a static argument."""
-
-    layout: Layout
-    rule: Rule
-    precision: Any
-    off_diagonal: bool
-    normalize: bool
-    double_sided: bool
-    normalize_eps: float = NORMALIZE_EPS
-
-
-def check_normalize_eps(value: object) -> float:
-    """``normalize_eps``: a static, finite, positive Python float (or int)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            "`normalize_eps` must be a Python float (static, the floor on the squared "
-            f"column norm), got {value!r} of type {type(value).__name__}. Under "
-            "optax.inject_hyperparams, name it in static_args: "
-            'static_args=("normalize_eps",).'
-        )
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`normalize_eps` must be finite and > 0, got {value!r}.")
-    return float(value)
-
-
-def check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a Python bool, got {value!r}.")
-    return value
-
-
-def make_spec(
-    phi: jax.Array,
-    *,
-    vector_axis: VectorAxis,
-    column_axis: int,
-    norm: Norm,
-    subgradient: Subgradient,
-    precision: Any,
-    off_diagonal: bool,
-    normalize: bool,
-    double_sided: bool,
-    normalize_eps: float = NORMALIZE_EPS,
-) -> Spec:
-    """Validates every static option against ``phi`` (at trace time)."""
-    spec = Spec(
-        layout=make_layout(phi.ndim, vector_axis, column_axis),
-        rule=make_rule(norm, subgradient),
-        precision=precision,
-        off_diagonal=check_flag("off_diagonal", off_diagonal),
-        normalize=check_flag("normalize", normalize),
-        double_sided=check_flag("double_sided", double_sided),
-        normalize_eps=check_normalize_eps(normalize_eps),
-    )
-    if jnp.issubdtype(phi.dtype, jnp.complexfloating) and spec.rule.per_group:
-        # The matrix norms' derivative rules (eigh's Daleckii-Krein jvp, the max's
-        # ties) are derived for real symmetric X only.
-        raise TypeError(
-            f"norm={norm!r} does not support complex `phi` ({jnp.dtype(phi.dtype)}): the "
-            "unitary penalty on Phi^H Phi - I is defined for the entrywise norms ('l1', "
-            "'squared', huber(delta))."
-        )
-    if spec.double_sided and spec.rule.per_group:
-        # The row term of a matrix norm is not a sum over entries of the l x l residual:
-        # for the spectral norm it is max(column term, [l > n]), so it adds nothing but a
-        # constant; the max norm's would be one more arg-max. Neither is implemented.
-        raise ValueError(
-            f"`double_sided=True` is not supported with norm={norm!r}: it is defined for "
-            "the entrywise norms ('l1', 'squared', huber). For the spectral norm the row "
-            "term ||Phi Phi^T - I||_2 equals the column term (or 1 when l > n)."
-        )
-    layout = spec.layout
-    if double_sided and phi.ndim + 1 + len(layout.vector_axes) > len(string.ascii_letters):
-        raise ValueError(
-            f"`double_sided=True` supports `phi` of rank at most "
-            f"{len(string.ascii_letters) - 1 - len(layout.vector_axes)} with "
-            f"{len(layout.vector_axes)} vector axes (one einsum letter per axis), "
-            f"got rank {phi.ndim}."
-        )
-    groups = tuple(phi.shape[a] for a in layout.group_axes)
-    n = phi.shape[layout.column_axis]
-    dtype = accumulation_dtype(phi.dtype)
-    if not isinstance(norm, str) or norm == "l1":
-        # The residuals the rule's derivative is applied to, at their real shapes.
-        vectors = tuple(phi.shape[a] for a in layout.vector_axes)
-        shapes = [(*groups, n, n)] + ([(*groups, *vectors, *vectors)] if double_sided else [])
-        for shape in shapes:
-            _check_derivative(spec.rule.derivative, subgradient, shape, dtype)
-    if spec.rule.per_group and not isinstance(subgradient, str):
-        # A matrix norm applies the convention to eigenvalues or entries, not to X:
-        # check the callable itself (a wrong shape would broadcast silently in F).
-        _check_derivative(subgradient_fn(subgradient), subgradient, (*groups, n, n), dtype)
-    return spec
-
-
-def _check_derivative(
-    fn: Callable[[jax.Array], jax.Array], subgradient: Subgradient, shape: Any, dtype: Any
-) -> None:
-    """The derivative maps an array ``x`` to a floating array of ``x``'s shape.
-
-    Real for a real ``x``, complex for a complex one.
-    """
-    probe = jax.ShapeDtypeStruct(shape, dtype)  # type: ignore[no-untyped-call]
-    try:
-        out = jax.eval_shape(fn, probe)
-    except Exception as e:  # the user's callable failed on the real residual's shape
-        raise TypeError(
-            f"`subgradient` {subgradient!r} failed on the residual X of shape {shape} "
-            f"({jnp.dtype(dtype)}): {type(e).__name__}: {e}"
-        ) from e
-    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != probe.shape:
-        got = getattr(out, "shape", type(out).__name__)
-        raise TypeError(
-            f"`subgradient` {subgradient!r} must map an array x to an array of x's shape, "
-            f"got {got} for the residual X of shape {probe.shape}."
-        )
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        # For complex x the derivative of |x| is x / |x| away from 0: complex. A real
-        # result is a convention written for real residuals (sign of the real part?),
-        # not a subgradient of |x|; it would be cast and used silently.
-        if not jnp.issubdtype(out.dtype, jnp.complexfloating):
-            raise TypeError(
-                f"`subgradient` {subgradient!r} must return a complex array for the "
-                f"complex residual X ({jnp.dtype(dtype)}): the derivative of |x| is x / |x| "
-                f"away from 0, with |s| <= 1 at 0. Got dtype {out.dtype}."
-            )
-    elif not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(
-            f"`subgradient` {subgradient!r} must return a real floating array, got dtype "
-            f"{out.dtype} for the residual X of dtype {jnp.dtype(dtype)}."
-        )
+def make_layout(ndim: int, vector_axis: VectorAxis, column_axis: int) -> Layout:
+    """Validates the axes for a ``phi`` of rank ``ndim`` with one column axis."""
+    return make_axes(ndim, vector_axis, column_axis).inner
 
 
 def check_phi(phi: ArrayLike) -> jax.Array:
@@ -407,13 +342,16 @@ def accumulation_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype  # type: ignore[no-any-return]
 
 
-def zero_groups(x: Any, layout: Layout) -> int:
-    """How many groups of a concrete ``x`` are all zero (0 for a traced or abstract x)."""
+def zero_groups(x: Any, reduced: tuple[int, ...]) -> int:
+    """How many groups of a concrete ``x`` are all zero (0 for a traced or abstract ``x``,
+    and for an array that spans devices of other processes: it is not copied here)."""
     if isinstance(x, jax.core.Tracer) or not isinstance(x, (jax.Array, np.ndarray)):
         return 0
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return 0  # spread over several processes (jax.distributed): no host copy here
     if x.size == 0:
         return 0
-    zero = np.all(np.asarray(x) == 0, axis=(*layout.vector_axes, layout.column_axis))
+    zero = np.all(np.asarray(x) == 0, axis=reduced)  # the vector and column axes
     return int(np.sum(zero))
 
 

@@ -21,16 +21,15 @@ reach orthonormality itself:
 * :func:`project_orthonormal`, last in a chain, replaces :math:`X + u` by its polar
   factor, the nearest matrix with orthonormal columns.
 
-Both choose their leaves with the soft penalty's selection (``mask`` through
-``optax.masked``, then ``dimension_numbers``; ``_select`` and ``_on_leaf`` of
-:mod:`._transform`), and compute with :math:`n \times n` matrices: only Gram
-matrices :math:`X^\top X`, cross Gram matrices :math:`G^\top X` and products
-:math:`X_i M_i`, never an :math:`l \times l` one.
+Both are per-leaf kernels under the shared selection (:mod:`._select`: ``mask``
+through ``optax.masked``, then ``dimension_numbers``), and compute with
+:math:`n \times n` matrices: only Gram matrices :math:`X^\top X`, cross Gram matrices
+:math:`G^\top X` and products :math:`X_i M_i`, never an :math:`l \times l` one.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import warnings
 from typing import Any, NamedTuple, cast
 
@@ -44,22 +43,20 @@ from ._layout import (
     Layout,
     accumulation_dtype,
     check_beta,
-    check_phi,
-    make_layout,
     real_dtype,
     zero_groups,
 )
+from ._matrix import abs2, eye_like
 from ._polar import NEAR_ORTHONORMAL as NEAR_ORTHONORMAL
-from ._polar import _abs2, _eye_like, polar
-from ._transform import (
+from ._polar import polar
+from ._select import (
     DimensionNumbers,
     MaskOrFn,
-    _check_mask,
-    _map_selected,
-    _no_params,
-    _on_leaf,
-    _select,
-    _transformation,
+    map_params,
+    map_selected,
+    no_params,
+    transformation,
+    where,
 )
 
 __all__ = ["LandingState", "landing", "project_orthonormal"]
@@ -97,21 +94,19 @@ jax.export.register_namedtuple_serialization(
 # --------------------------------------------------------------------------- per leaf
 
 
-def _check_group(phi: jax.Array, updates: Any, vector_axis: Any, column_axis: int) -> Layout:
-    """The layout of a leaf whose groups can have orthonormal columns (n <= l)."""
-    layout = make_layout(phi.ndim, vector_axis, column_axis)
-    l = math.prod(phi.shape[a] for a in layout.vector_axes)
-    n = phi.shape[layout.column_axis]
-    if n > l:
+def _check_group(phi: jax.Array, updates: jax.Array, layout: Layout) -> None:
+    """A leaf whose groups can have orthonormal columns (n <= l), and its updates."""
+    _, l, n = layout.sizes(phi.shape)
+    # With symbolic sizes (jax.export) n <= l cannot be decided at trace time: the
+    # comparison would be inconclusive. The math runs either way; only a concrete
+    # n > l is an error.
+    if isinstance(n, int) and isinstance(l, int) and n > l:
         raise ValueError(
             f"a group of {n} columns of length {l} cannot have orthonormal columns "
-            f"(n > l; phi has shape {phi.shape}, vector_axis={vector_axis}, "
-            f"column_axis={column_axis}). Give the leaf an OrthoDims with the longer "
-            "side on the vector axis (rows of a wide matrix), or skip it with None."
+            f"(n > l; phi has shape {phi.shape}, vector axes {layout.vector_axes}, "
+            f"column axis {layout.column_axis}). Give the leaf an OrthoDims with the "
+            "longer side on the vector axis (rows of a wide matrix), or skip it with None."
         )
-    u_shape = getattr(updates, "shape", None)
-    if u_shape != phi.shape:
-        raise ValueError(f"`updates` has shape {u_shape}, the params leaf {phi.shape}.")
     if not jnp.issubdtype(updates.dtype, jnp.inexact):
         raise TypeError(f"`updates` must have a floating dtype, got {updates.dtype}.")
     if jnp.issubdtype(updates.dtype, jnp.complexfloating) and not jnp.issubdtype(
@@ -120,7 +115,6 @@ def _check_group(phi: jax.Array, updates: Any, vector_axis: Any, column_axis: in
         raise TypeError(
             f"`updates` is complex ({updates.dtype}) but the params leaf is {phi.dtype}."
         )
-    return layout
 
 
 def _acc_dtype(phi: jax.Array, updates: jax.Array) -> Any:
@@ -128,21 +122,14 @@ def _acc_dtype(phi: jax.Array, updates: jax.Array) -> Any:
     return jnp.promote_types(accumulation_dtype(phi.dtype), accumulation_dtype(updates.dtype))
 
 
-def _per_group(layout: Layout, x: jax.Array) -> jax.Array:
-    """A ``(groups...)`` array, broadcastable against ``phi`` (size 1 on the rest)."""
-    return jnp.expand_dims(x, (*layout.vector_axes, layout.column_axis))
-
-
-def _landing_leaf(
-    phi: Any,
+def _landing_kernel(
     lam: Any,
-    *,
-    vector_axis: Any,
-    column_axis: int,
-    updates: Any,
-    precision: Any,
     safe_step: Any,
     learning_rate: Any,
+    precision: Any,
+    phi: jax.Array,
+    updates: jax.Array,
+    layout: Layout,
 ) -> jax.Array:
     r"""The landing field of one leaf, in the updates' dtype.
 
@@ -150,8 +137,7 @@ def _landing_leaf(
     :math:`\Lambda = G (\tfrac12 C) + X (\lambda (C - I) - \tfrac12 S)`: two Gram-sized
     contractions and two products.
     """
-    phi = check_phi(phi)
-    layout = _check_group(phi, updates, vector_axis, column_axis)
+    _check_group(phi, updates, layout)
     acc = _acc_dtype(phi, updates)
     x, g = phi.astype(acc), updates.astype(acc)
     complex_ = jnp.issubdtype(acc, jnp.complexfloating)
@@ -168,7 +154,7 @@ def _landing_leaf(
         preferred_element_type=acc,
         out_sharding=_contract.group_out_sharding(layout, x, 2),
     )
-    residual = c - _eye_like(c)
+    residual = c - eye_like(c)
     # lam X (C - I) is orthogonality_penalty_grad(x, lam / 4, norm="squared") (a test
     # checks it), formed here from the C already at hand: a Gram and a product fewer.
     along = _contract.apply(layout, g, 0.5 * c, precision=precision)
@@ -210,9 +196,9 @@ def _safe_scale(
     acc = real_dtype(tangent.dtype)
     eps = jnp.asarray(eps).astype(acc)
     lr = jnp.asarray(learning_rate).astype(acc)
-    d = _per_group(layout, jnp.sqrt(jnp.sum(_abs2(residual), axis=(-2, -1))))
+    d = layout.on_groups(jnp.sqrt(jnp.sum(abs2(residual), axis=(-2, -1))))
     a = jnp.sqrt(
-        jnp.sum(_abs2(tangent), axis=(*layout.vector_axes, layout.column_axis), keepdims=True)
+        jnp.sum(abs2(tangent), axis=(*layout.vector_axes, layout.column_axis), keepdims=True)
     )
     alpha = -2 * d * (lam + a)
     beta = a * a + lam * lam * d**3 + 2 * lam * a * d * d + a * a * d
@@ -225,44 +211,17 @@ def _safe_scale(
     return jnp.where(clip, eta / jnp.where(clip, lr, 1), 1)
 
 
-def _project_leaf(
-    phi: Any,
-    _: Any,
-    *,
-    vector_axis: Any,
-    column_axis: int,
-    updates: Any,
-    precision: Any,
+def _project_kernel(
+    precision: Any, phi: jax.Array, updates: jax.Array, layout: Layout
 ) -> jax.Array:
     """``polar(phi + updates) - phi`` for one leaf, in the updates' dtype."""
-    phi = check_phi(phi)
-    layout = _check_group(phi, updates, vector_axis, column_axis)
-    acc = _acc_dtype(phi, updates)
-    x, u = phi.astype(acc), jnp.asarray(updates)
+    _check_group(phi, updates, layout)
     if phi.size == 0:
-        return jnp.zeros(u.shape, u.dtype)
-    moved: jax.Array = polar(layout, x + u.astype(acc), precision=precision) - x
-    return moved.astype(u.dtype)
-
-
-def _map_leaves(
-    name: str,
-    fn: Any,
-    updates: Any,
-    params: Any,
-    dimension_numbers: DimensionNumbers,
-    strength: Any,
-    options: dict[str, Any],
-) -> Any:
-    if params is None:
-        raise ValueError(_no_params(name))
-    if updates is None:
-        return None
-
-    def one(leaf: Any, u: Any) -> Any:
-        return _on_leaf(fn, leaf, strength, {**options, "updates": u})
-
-    return _map_selected(one, updates, params, dimension_numbers)
+        return jnp.zeros(updates.shape, updates.dtype)
+    acc = _acc_dtype(phi, updates)
+    x = phi.astype(acc)
+    moved: jax.Array = polar(layout, x + updates.astype(acc), precision=precision) - x
+    return moved.astype(updates.dtype)
 
 
 def _warn_zero_groups(params: Any, dimension_numbers: DimensionNumbers) -> None:
@@ -270,20 +229,17 @@ def _warn_zero_groups(params: Any, dimension_numbers: DimensionNumbers) -> None:
 
     The landing field is exactly 0 at :math:`X = 0` (both terms are products with
     :math:`X`), so landing never moves a zero-initialised group. Traced params (init
-    under jit) are not checked.
+    under jit) and arrays spread over several processes are not checked.
     """
-    _, leaves = _select(params, dimension_numbers)
-    for leaf in leaves:
-        if leaf.dims is None or not hasattr(leaf.phi, "ndim"):
-            continue
-        try:
-            layout = make_layout(leaf.phi.ndim, leaf.dims.vector_axis, leaf.dims.column_axis)
-        except (ValueError, TypeError):
-            continue  # update raises, naming the leaf
-        if zero_groups(leaf.phi, layout):
-            where = jax.tree_util.keystr(leaf.path) or "the root"
+    counted = map_params(
+        lambda phi, layout: zero_groups(phi, (*layout.vector_axes, layout.column_axis)),
+        params,
+        dimension_numbers,
+    )
+    for path, zeros in counted:
+        if zeros:
             warnings.warn(
-                f"landing: params leaf {where} has a group that is all zero. The landing "
+                f"landing: params leaf {where(path)} has a group that is all zero. The landing "
                 "field is exactly 0 at X = 0, so landing never moves it: initialise it "
                 "(orthogonal init, e.g. jax.nn.initializers.orthogonal()), or skip the "
                 "leaf with None in dimension_numbers.",
@@ -315,154 +271,71 @@ def landing(
         G \leftarrow \Lambda(X) = \tfrac12\bigl(G\, X^\top X - X\, G^\top X\bigr)
         + \lambda_t\, X \bigl(X^\top X - I\bigr),
 
-    the landing field of Ablin & Peyré (2022), for the Stiefel manifold as in Vary
-    et al. (2024). The first term is :math:`\psi(X) X` with the skew-symmetric
-    "relative gradient" :math:`\psi(X) = \tfrac12 (G X^\top - X G^\top)`: it moves
-    along the manifold. The second is the gradient of
-    :math:`\tfrac{\lambda}{4}\|X^\top X - I\|_F^2` (the ``norm="squared"`` penalty
-    of :func:`orthogonality_penalty_grad` with :math:`\beta = \lambda/4`): it pulls
-    towards it. The two are orthogonal, so :math:`\Lambda = 0` exactly at the
-    critical points of the task on the manifold, and plain steps
-    :math:`X \leftarrow X - \eta \Lambda(X)` converge there with no retraction
-    (no SVD, no matrix inverse): per group it costs two :math:`n \times n` Gram
-    matrices (:math:`X^\top X`, :math:`G^\top X`) and two products with
-    :math:`n \times n` matrices: 1.1 to 2 times the soft penalty's gradient
-    (measured on one CPU core from 24 x 5 to 1024 x 256 float32 groups; a third
-    product with ``safe_step``). Unselected leaves pass through untouched.
+    the landing field of Ablin & Peyré (2022), for the Stiefel manifold as in Vary et
+    al. (2024). The first term is :math:`\psi(X) X` with the skew-symmetric
+    :math:`\psi(X) = \tfrac12 (G X^\top - X G^\top)`: it moves along the manifold. The
+    second is the gradient of :math:`\tfrac{\lambda}{4}\|X^\top X - I\|_F^2`: it pulls
+    towards it. The two are orthogonal, so plain steps :math:`X \leftarrow X - \eta
+    \Lambda(X)` converge to the task's critical points on the manifold with no
+    retraction: two :math:`n \times n` Gram matrices and two products per group (a
+    third with ``safe_step``). ``safe_step=eps`` with ``learning_rate=lr`` scales a
+    group's field by :math:`\min(1, \eta^*/\mathrm{lr})`, :math:`\eta^*` the safe step
+    that keeps :math:`\|X^\top X - I\|_F \le \varepsilon` (a guarantee when the chain
+    then multiplies by exactly ``-lr``).
 
-    **Where it goes in a chain.** Landing acts on a *direction*: place it where
-    the chain holds the direction you want to follow, before the step size.
-
-    * Plain SGD: ``optax.chain(jop.landing(1.0), optax.sgd(lr))``.
-    * Adam: ``optax.chain(jop.landing(0.0), optax.scale_by_adam(),
-      jop.landing(1.0), optax.scale_by_learning_rate(lr))``. After Adam's
-      scaling, landing makes Adam's direction tangent and adds the pull, which
-      Adam does not rescale. The first ``landing(0.0)`` hands Adam the tangent
-      part :math:`\psi(X)X` of the gradient, which vanishes at the constrained
-      optimum. Without it, Adam's per-entry scaling of the full Euclidean
-      gradient (whose normal part does not vanish there) moves the fixed
-      points: on the PCA problem of the tests, ``chain(scale_by_adam(),
-      landing(1.0), scale_by_learning_rate(lr))`` stops 8% above the optimal
-      objective, the chain above reaches it to 1e-6. (Landing *before*
-      ``optax.adam`` lets Adam's scaling bend the field off the tangent space:
-      don't.) Adam's steps do not shrink at the optimum, so the distance to
-      the manifold stays of the order of the step size: decay the learning rate.
-    * Momentum, Nesterov or not: ``optax.chain(optax.trace(decay=0.9,
-      nesterov=True), jop.landing(1.0, safe_step=0.5, learning_rate=lr),
-      optax.scale_by_learning_rate(lr))`` keeps the momentum of the task
-      gradient, every step is a landing field at the current point, and the
-      safe step certifies it (below): the recipe, from orthonormal parameters.
-      ``optax.chain(jop.landing(1.0), optax.sgd(lr, momentum=0.9))`` is not
-      safe: momentum sums past fields, each taken at an older :math:`X`, and
-      multiplies the step by up to :math:`1/(1 - 0.9) = 10`, so no step is
-      certified; with large gradients a step leaves the band and the cubic pull
-      diverges (it went to NaN on a ResNet at lr 0.1, Nesterov 0.9).
-
-    **Step size.** With :math:`d = \|X^\top X - I\|_F`, the iterates stay near the
-    manifold (:math:`d \le \varepsilon`) as long as every step
-    :math:`\eta` is at most the safe step :math:`\eta^*(a, d, \lambda,
-    \varepsilon)` of Ablin & Peyré (2022), where :math:`a =
-    \|\psi(X)X\|_F`: the positive root of :math:`\beta\eta^2 - \alpha\eta + d -
-    \varepsilon = 0`, :math:`\alpha = -2d(\lambda + a)`, :math:`\beta = a^2 +
-    \lambda^2 d^3 + 2\lambda a d^2 + a^2 d`. It is the bound that the authors'
-    implementations use (on the orthogonal group, and on the Stiefel manifold
-    with :math:`a = \|\psi(X) X\|_F`); Vary et al. (2024) prove bounds of the
-    same kind for the Stiefel manifold. Large gradients, or a large
-    :math:`\lambda\eta` (keep :math:`\lambda\eta < 1`), are what push an iterate
-    out.
-
-    ``safe_step=eps`` with ``learning_rate=lr`` applies it: where a group is in the
-    band (:math:`d < \varepsilon`) and :math:`\eta^* <` ``lr``, its field is scaled
-    by :math:`\eta^*/\mathrm{lr}`, so that the step ``-lr * field`` is the safe
-    one. This is a guarantee only when what follows in the chain multiplies by
-    exactly ``-lr`` (``optax.sgd(lr)`` without momentum, or
-    ``optax.scale_by_learning_rate(lr)``); pass the same ``lr`` (or schedule)
-    to both. Outside the band (:math:`d \ge \varepsilon`, for example at a random
-    start) no step is certified, and the field is left as it is: the
-    :math:`\lambda` term then pulls the group in at a rate of about
-    :math:`2\lambda\eta d` per step.
-
-    **Complex leaves** (the complex Stiefel manifold, :math:`X^H X = I`): the
-    updates are read in ``jax.grad``'s convention, :math:`\overline{G}`, and the
-    field is returned in it, :math:`\overline{\Lambda}` with the conjugate
-    transposes in place of the transposes: descend along the conjugate at apply
-    (``optax.apply_updates(params, optax.tree.conj(updates))``), as with
-    :func:`add_orthogonality_penalty`.
-
-    **With optax.inject_hyperparams.** ``lam``, ``safe_step`` and
-    ``learning_rate`` can be injected; a callable ``mask`` or
-    ``dimension_numbers`` must be named in ``static_args``, as for
-    :func:`add_orthogonality_penalty`.
+    Place it before the step size: ``optax.chain(jop.landing(1.0), optax.sgd(lr))``;
+    with momentum, ``optax.trace`` first and ``safe_step``; with Adam, ``landing(0.0)``
+    before ``scale_by_adam`` and ``landing(lam)`` after it. The recipes, the safe step's
+    formula and measurements are in the docs' *Soft or exact* page. Complex leaves (the
+    complex Stiefel manifold) take and return the field in ``jax.grad``'s conjugate
+    convention (docs' *Failure modes*).
 
     Args:
-      lam: :math:`\lambda \ge 0`, the strength of the pull towards the manifold: a
-        float, a scalar array, or an optax schedule (of the step count, kept in
-        the state). 1.0 by default, as in the papers.
+      lam: :math:`\lambda \ge 0`, the pull towards the manifold: a float, a scalar
+        array, or an optax schedule of the count. 1.0 by default, as in the papers.
       mask: which leaves to transform, as ``optax.masked`` takes it (see
         :func:`add_orthogonality_penalty`); the others pass through.
-      dimension_numbers: the layout of each leaf, as in
-        :func:`add_orthogonality_penalty` (``None``: every floating leaf of rank
-        >= 2 in the default layout ``OrthoDims()``). A group must have
-        :math:`n \le l` (no more columns than the vector length): a wide leaf
-        raises ``ValueError`` naming the leaf; lay it out on its rows, or skip it.
-      safe_step: ``None`` (default), or :math:`\varepsilon > 0`: clip each group's
-        step to the safe step that keeps :math:`\|X^\top X - I\|_F \le
-        \varepsilon`. Needs ``learning_rate``.
-      learning_rate: the step size that follows landing in the chain (a float or
-        a schedule), used only for ``safe_step``.
+      dimension_numbers: each leaf's layout, as in :func:`add_orthogonality_penalty`.
+        A group needs :math:`n \le l`: a wide leaf raises, naming it; lay it out on
+        its rows, or skip it.
+      safe_step: ``None`` (default), or :math:`\varepsilon > 0`: clip each group's step
+        to the safe one. Needs ``learning_rate``.
+      learning_rate: the step size that follows in the chain (a float or a schedule),
+        for ``safe_step`` only.
       precision: the matmul precision, ``HIGHEST`` by default.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``, wrapped in ``optax.masked`` when
-      ``mask`` is given, with state :class:`LandingState`. ``update`` needs
-      ``params``; updates keep their dtypes (bfloat16 stays bfloat16, computed in
-      float32). NaN in a group's params or updates gives NaN in that group's field.
+      An ``optax.GradientTransformationExtraArgs`` (in ``optax.masked`` with a mask),
+      with state :class:`LandingState`. ``update`` needs ``params``; updates keep their
+      dtypes; NaN in a group's params or updates gives NaN in its field. ``init``
+      warns, naming the leaf, for an all-zero group (the field is 0 at :math:`X = 0`).
 
     Raises:
-      ValueError, TypeError: at construction, for a non-scalar or negative
-        ``lam``, ``safe_step`` without ``learning_rate`` (or the reverse), or a
-        mask that is a single value; at ``update``, for ``params=None``, a layout
-        that does not fit its leaf or a group with more columns than rows.
+      ValueError, TypeError: at construction, for a non-scalar or negative ``lam``,
+        ``safe_step`` without ``learning_rate`` (or the reverse), or a single-value
+        mask; at ``update``, for ``params=None``, a layout that does not fit its leaf,
+        or a group with more columns than rows.
 
     Examples:
-      A step of SGD on :math:`-\mathrm{tr}(X^\top A X)`: the field is tangent
-      (:math:`X^\top \Lambda` is skew-symmetric) at an orthonormal :math:`X`.
+      Off the manifold, with zero updates, the pull :math:`\lambda X (X^\top X - I)`:
 
       >>> import jax, jax.numpy as jnp, optax
       >>> import jax_orthopenalty as jop
-      >>> a = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
-      >>> params = {"x": jnp.array([[0.6, 0.0], [0.8, 0.0], [0.0, 1.0]])}
-      >>> grads = jax.grad(lambda p: -jnp.trace(p["x"].T @ a @ p["x"]))(params)
       >>> tx = jop.landing(1.0)
-      >>> field, _ = tx.update(grads, tx.init(params), params)
-      >>> m = params["x"].T @ field["x"]
-      >>> bool(jnp.allclose(m, -m.T, atol=1e-6))
-      True
-
-      Off the manifold, the :math:`\lambda` term pulls back:
-      :math:`\lambda X (X^\top X - I)` with zero updates.
-
       >>> params = {"x": 2 * jnp.eye(2)}
       >>> field, _ = tx.update({"x": jnp.zeros((2, 2))}, tx.init(params), params)
       >>> field["x"]                            # 2 I (4 I - I)
       Array([[6., 0.],
              [0., 6.]], dtype=float32)
 
-      In a chain, after Adam's scaling, with the safe step:
+      On it, the field of a task gradient is tangent (:math:`X^\top\Lambda` skew):
 
-      >>> opt = optax.chain(
-      ...     jop.landing(0.0),
-      ...     optax.scale_by_adam(),
-      ...     jop.landing(1.0, safe_step=0.5, learning_rate=0.1),
-      ...     optax.scale_by_learning_rate(0.1),
-      ... )
-      >>> params = {"x": jnp.eye(3, 2)}
-      >>> state = opt.init(params)
-      >>> for _ in range(50):
-      ...     g = jax.grad(lambda p: -jnp.trace(p["x"].T @ a @ p["x"]))(params)
-      ...     u, state = opt.update(g, state, params)
-      ...     params = optax.apply_updates(params, u)
-      >>> float(jop.orthogonality_error(params["x"])) < 0.5
+      >>> a = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
+      >>> params = {"x": jnp.array([[0.6, 0.0], [0.8, 0.0], [0.0, 1.0]])}
+      >>> grads = jax.grad(lambda p: -jnp.trace(p["x"].T @ a @ p["x"]))(params)
+      >>> field, _ = tx.update(grads, tx.init(params), params)
+      >>> m = params["x"].T @ field["x"]
+      >>> bool(jnp.allclose(m, -m.T, atol=1e-6))
       True
 
     References:
@@ -470,7 +343,6 @@ def landing(
       without retraction*, AISTATS 2022. Vary, Ablin, Gao and Absil, *Optimization
       without retraction on the random generalized Stiefel manifold*, ICML 2024.
     """
-    _check_mask(mask)
     if not callable(lam):
         check_beta(lam, jnp.dtype(jnp.float32), name="lam")
     if (safe_step is None) != (learning_rate is None):
@@ -491,16 +363,18 @@ def landing(
     def update_fn(
         updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, LandingState]:
+        if params is None:
+            raise ValueError(no_params("landing"))
         count = cast(LandingState, state).count
+        new_state = LandingState(count=jnp.asarray(optax.safe_increment(count)))
+        if updates is None:
+            return None, new_state
         strength = lam(count) if callable(lam) else lam
         lr = learning_rate(count) if callable(learning_rate) else learning_rate
-        options = {"precision": precision, "safe_step": safe_step, "learning_rate": lr}
-        out = _map_leaves(
-            "landing", _landing_leaf, updates, params, dimension_numbers, strength, options
-        )
-        return out, LandingState(count=jnp.asarray(optax.safe_increment(count)))
+        kernel = functools.partial(_landing_kernel, strength, safe_step, lr, precision)
+        return map_selected(kernel, updates, params, dimension_numbers), new_state
 
-    return _transformation(init_fn, update_fn, mask)
+    return transformation(init_fn, update_fn, mask)
 
 
 def project_orthonormal(
@@ -519,82 +393,43 @@ def project_orthonormal(
         u \leftarrow \operatorname{polar}(X + u) - X, \qquad
         \operatorname{polar}(Y) = U V^\top \text{ for } Y = U \Sigma V^\top,
 
-    so that ``optax.apply_updates`` lands on :math:`\operatorname{polar}(X + u)`,
-    the matrix with orthonormal columns nearest to :math:`X + u` in Frobenius norm
-    (and in every unitarily invariant norm). It is a retraction: projected
-    gradient descent on the Stiefel manifold. Place it after the step size
-    (``optax.chain(optax.sgd(lr), jop.project_orthonormal())``), so that it sees
-    the step that is applied; anything after it would move the parameters off
-    the manifold again.
+    so that ``optax.apply_updates`` lands on :math:`\operatorname{polar}(X + u)`, the
+    matrix with orthonormal columns nearest to :math:`X + u` (in Frobenius and every
+    unitarily invariant norm): projected gradient descent on the Stiefel manifold.
+    Place it after the step size, ``optax.chain(optax.sgd(lr),
+    jop.project_orthonormal())``; anything after it moves the parameters off again.
 
-    **Cost.** Near the manifold, as after a step from orthonormal parameters, the
-    polar factor is a truncated series, :math:`Y (I + E)^{-1/2} \approx Y\,p(E)` with
-    :math:`E = Y^\top Y - I`, in matmuls only: one Gram matrix, one product with
-    :math:`Y` and at most four :math:`n \times n` products. The degree (1, 2, 4, 6 or
-    8) comes from a bound on :math:`\|E\|_2` over all groups, so that the series'
-    tail stays below :math:`\sqrt{l}\,u` (:math:`u` the unit roundoff, :math:`l` the
-    vectors' length), the rounding error the Gram matrix itself carries: the result
-    is the polar factor to the dtype's precision. Degree 1 (no extra product, the
-    cost of one penalty gradient) holds for :math:`\|E\|_F \le 2.1 \cdot 10^{-3}`
-    in float32 at :math:`l = 784` (``sgd(1e-3)`` steps on the MLP of
-    docs/performance.md give about :math:`10^{-3}`). Why a series and not
-    Newton-Schulz, and the bounds: ``jax_orthopenalty._polar``. Beyond degree 8's
-    radius (0.27 in float32 at :math:`l = 784`) it takes :math:`Y C^{-1/2}` from an
-    ``eigh`` of the Gram matrix where every :math:`\|E_i\|_F \le 1/2`, else the thin
-    SVD :math:`U V^\top` of every group (a first step from a random start, a
-    rank-deficient group, NaN). The route is a ``lax.cond`` and a ``lax.switch`` on
-    scalars: under ``jax.jit`` only the chosen one runs (under ``jax.vmap`` all of
-    them do: stack leaves as group axes instead). Measured against a penalty step:
-    docs/performance.md. With the vectors sharded (FSDP) the series needs only the
-    all-reduce of the :math:`n \times n` Gram matrices; the SVD fallback gathers each
-    group explicitly, inside its own branch (docs/scale.md).
+    Near the manifold, as after a step from orthonormal parameters, the polar factor is
+    a truncated series :math:`Y(I + E)^{-1/2}`, :math:`E = Y^\top Y - I`, in matmuls
+    only, its degree (1 to 8) chosen from a bound on :math:`\|E\|_2` so that the result
+    is exact to the dtype's precision; degree 1 costs one penalty gradient. Further out
+    it takes an ``eigh`` of the Gram matrix, else the thin SVD of every group (routes,
+    bounds and costs: :mod:`jax_orthopenalty._polar` and the docs' *Performance* page;
+    sharding: *Scale*). Derivatives through it (``jax.grad``, ``jax.jvp``, any order)
+    are exact for full-rank groups, also at orthonormal points and repeated singular
+    values (a Lyapunov solve, no eigenvalue gaps).
 
-    **Derivatives.** ``jax.grad``, ``jax.jvp`` and higher orders through the
-    projection are exact everywhere for full-rank groups, at exactly orthonormal
-    points and repeated singular values included: the polar factor is a
-    ``custom_jvp`` whose tangent solves the Lyapunov equation
-    :math:`H\Omega + \Omega H = Q^\top dY - dY^\top Q` (:math:`H = Q^\top Y`), with
-    no eigenvalue gaps to divide by (meta-learning, a warm-up from ``lr = 0``,
-    differentiating a training run).
-
-    **Rank-deficient groups.** Where :math:`X + u` has rank :math:`r < n`, the
-    nearest orthonormal matrix is not unique: any :math:`Q` with
-    :math:`Q V_r = U_r` is nearest. The result is one of them (LAPACK's choice
-    of the singular vectors for the zero singular values), always with
-    orthonormal columns; a zero group becomes some orthonormal matrix, and the
-    derivative there is not defined. NaN in a group's params or updates gives NaN
-    in that whole group; Inf is NaN here. The updates are in their own dtype; for
-    bfloat16 parameters ``apply_updates`` rounds :math:`X + u` to bfloat16, so the
-    result is orthonormal to bfloat16 precision (about 1e-2).
-
-    **Complex leaves**: the result is the nearest matrix with orthonormal columns
-    (:math:`Q^H Q = I`) to :math:`X + u`, by the same routes, with exact
-    derivatives. :math:`u` is the step as ``optax.apply_updates`` applies it: with
-    ``jax.grad``'s convention, conjugate before the projection,
-    ``optax.chain(optax.sgd(lr), optax.stateless(lambda u, _: optax.tree.conj(u)),
-    jop.project_orthonormal())``.
-
-    **With optax.inject_hyperparams.** There is nothing numeric to inject; a
-    callable ``mask`` or ``dimension_numbers`` must be in ``static_args``.
+    A rank-deficient group gets one of its (then many) nearest orthonormal matrices; a
+    group with NaN or Inf in its params or updates gives NaN in that group. The update
+    is added in the parameters' dtype, so the result is orthonormal to that dtype's
+    precision relative to :math:`|X|` (docs' *Failure modes*: large or bfloat16
+    parameters). Complex leaves get the nearest matrix with :math:`Q^H Q = I`.
 
     Args:
       mask: which leaves to project, as ``optax.masked`` takes it (see
         :func:`add_orthogonality_penalty`); the others pass through untouched.
-      dimension_numbers: the layout of each leaf, as in
-        :func:`add_orthogonality_penalty`. An equinox ``(out, in)`` weight with
-        ``OrthoDims(vector_axis=1, column_axis=0)`` is projected on its rows. A
-        group with more columns than rows raises ``ValueError`` naming the leaf.
-      precision: the matmul precision of :math:`U V^\top`, ``HIGHEST`` by
-        default.
+      dimension_numbers: each leaf's layout, as in :func:`add_orthogonality_penalty`;
+        a group with more columns than rows raises, naming the leaf.
+      precision: the matmul precision, ``HIGHEST`` by default.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state ``optax.EmptyState``
       (inside ``optax.MaskedState`` with a mask). ``update`` needs ``params``.
 
     Raises:
-      ValueError, TypeError: at construction for a mask that is a single value;
-        at ``update``, for ``params=None``, a layout that does not fit its leaf,
-        or a group with more columns than rows.
+      ValueError, TypeError: at construction for a single-value mask; at ``update``,
+        for ``params=None``, a layout that does not fit its leaf, or a group with more
+        columns than rows.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -611,7 +446,6 @@ def project_orthonormal(
       >>> new["b"]                          # rank 1: untouched
       Array([1., 1.], dtype=float32)
     """
-    _check_mask(mask)
 
     def init_fn(params: Any) -> optax.EmptyState:
         del params
@@ -620,10 +454,11 @@ def project_orthonormal(
     def update_fn(
         updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, optax.OptState]:
-        options = {"precision": precision}
-        out = _map_leaves(
-            "project_orthonormal", _project_leaf, updates, params, dimension_numbers, None, options
-        )
-        return out, state
+        if params is None:
+            raise ValueError(no_params("project_orthonormal"))
+        if updates is None:
+            return None, state
+        kernel = functools.partial(_project_kernel, precision)
+        return map_selected(kernel, updates, params, dimension_numbers), state
 
-    return _transformation(init_fn, update_fn, mask)
+    return transformation(init_fn, update_fn, mask)

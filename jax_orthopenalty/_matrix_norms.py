@@ -27,11 +27,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ._matrix import max_or_nan
 
 __all__ = ["MaxRule", "SpectralRule", "power_start"]
 
@@ -44,17 +45,6 @@ r"""Eigenvalue moduli within ``TIE_ULPS * n * eps * top`` of the largest, ``top`
 with it (``eps`` of the accumulation dtype): the backward error of ``eigh``, so that a
 repeated eigenvalue that comes out of the solver split by rounding still counts once per
 copy."""
-
-
-def max_or_nan(x: jax.Array, axis: Any, keepdims: bool = False) -> jax.Array:
-    """``jnp.max`` that is NaN wherever the reduced slice has a NaN.
-
-    XLA:CPU's vectorised max reduction does not always propagate NaN: with NaN and
-    infinities in one slice it can return inf, or even the reduction's initial value
-    -inf. NaN in, NaN out needs the check written out.
-    """
-    top = jnp.max(x, axis=axis, keepdims=keepdims)
-    return jnp.where(jnp.any(jnp.isnan(x), axis=axis, keepdims=keepdims), jnp.nan, top)
 
 
 def _nonfinite(x: jax.Array) -> jax.Array:
@@ -95,10 +85,17 @@ def _spectral_parts(
     # The derivative of |lambda| (or of lambda^2) at each top eigenvalue, averaged over
     # the top set: the minimum-norm element of the subdifferential. sign(0) is the
     # convention's and only matters at X = 0 (then every eigenvalue is 0).
-    slope = 2 * lam if squared else sign(lam)
+    slope = 2 * lam if squared else _sign_of_eigenvalues(sign, lam)
     c = jnp.where(in_top, slope, 0) / k
     value = top[..., 0] ** 2 if squared else top[..., 0]
     return value, lam, v, c, k, in_top
+
+
+def _sign_of_eigenvalues(sign: Sign, lam: jax.Array) -> jax.Array:
+    # A user's callable is checked where it is applied (see _rules._Checked): say that
+    # here it is applied to the eigenvalues, not to X itself.
+    on = getattr(sign, "on", None)
+    return on(lam, "the eigenvalues of X") if on is not None else sign(lam)
 
 
 def _spectral_joint(x: jax.Array, squared: bool, sign: Sign) -> tuple[jax.Array, jax.Array]:

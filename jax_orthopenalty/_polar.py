@@ -82,7 +82,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import _contract
 from ._layout import Layout, real_dtype
-from ._matrix_norms import max_or_nan
+from ._matrix import abs2, adjoint, eye_like, max_or_nan, sym
 
 __all__ = ["DEGREES", "NEAR_ORTHONORMAL", "polar", "radii", "vector_length"]
 
@@ -134,27 +134,6 @@ def vector_length(layout: Layout, shape: tuple[Any, ...]) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def _eye_like(c: jax.Array) -> jax.Array:
-    """The identity, broadcastable against a ``(groups..., n, n)`` stack (also landing's)."""
-    n = c.shape[-1]
-    return jnp.eye(n, dtype=c.dtype).reshape((1,) * (c.ndim - 2) + (n, n))
-
-
-def _h(c: jax.Array) -> jax.Array:
-    """The conjugate transpose of a stack of matrices (the transpose if real)."""
-    return jnp.conj(jnp.swapaxes(c, -1, -2))
-
-
-def _sym(c: jax.Array) -> jax.Array:
-    """The Hermitian (symmetric if real) part."""
-    return 0.5 * (c + _h(c))
-
-
-def _abs2(e: jax.Array) -> jax.Array:
-    """:math:`|e|^2` entrywise, real (the square for real e; also landing's)."""
-    return jnp.real(e * jnp.conj(e))
-
-
 def _mm(a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
     """The product of ``(groups..., n, n)`` stacks: the groups' sharding carries through."""
     return jnp.matmul(a, b, precision=precision)
@@ -162,7 +141,7 @@ def _mm(a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
 
 def _frobenius(e: jax.Array) -> jax.Array:
     """The largest Frobenius norm over all groups: NaN if any group has NaN."""
-    return jnp.sqrt(max_or_nan(jnp.sum(_abs2(e), axis=(-2, -1)), axis=None))
+    return jnp.sqrt(max_or_nan(jnp.sum(abs2(e), axis=(-2, -1)), axis=None))
 
 
 def _cross(layout: Layout, a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
@@ -196,7 +175,7 @@ def _series(e: jax.Array, e2: jax.Array | None, degree: int, precision: Any) -> 
     r""":math:`\sum_{k \le d} c_k E^k` by Horner's rule in :math:`E^2`, blocks
     :math:`c_{2j} I + c_{2j+1} E`: :math:`\lfloor d/2 \rfloor - 1` products."""
     c = _coefficients(degree)
-    eye = _eye_like(e)
+    eye = eye_like(e)
 
     def block(j: int) -> jax.Array:
         b = c[2 * j] * eye
@@ -215,7 +194,7 @@ def _series(e: jax.Array, e2: jax.Array | None, degree: int, precision: Any) -> 
 
 def _polar_eigh(layout: Layout, y: jax.Array, c: jax.Array, precision: Any) -> jax.Array:
     w, v = jnp.linalg.eigh(c)
-    inv_sqrt = _mm(v * jax.lax.rsqrt(w)[..., None, :].astype(v.dtype), _h(v), precision)
+    inv_sqrt = _mm(v * jax.lax.rsqrt(w)[..., None, :].astype(v.dtype), adjoint(v), precision)
     return _contract.apply(layout, y, inv_sqrt, precision=precision)
 
 
@@ -248,13 +227,19 @@ it in their HLO ``op_name`` metadata."""
 
 def _named_svd(layout: Layout, y: jax.Array, precision: Any) -> jax.Array:
     with jax.named_scope(SVD_SCOPE):
-        return _polar_svd(layout, y, precision)
+        # LAPACK's SVD iterates for ever on a matrix with an Inf (NumPy's too): a group
+        # with a non-finite entry goes in as zeros and comes out as NaN, never a hang.
+        finite = jnp.all(
+            jnp.isfinite(y), axis=(*layout.vector_axes, layout.column_axis), keepdims=True
+        )
+        q = _polar_svd(layout, jnp.where(finite, y, jnp.zeros_like(y)), precision)
+        return jnp.where(finite, q, jnp.full_like(q, jnp.nan))
 
 
 def _polar_exact(
     layout: Layout, y: jax.Array, c: jax.Array, e: jax.Array, precision: Any
 ) -> jax.Array:
-    distance2 = jnp.sum(_abs2(e), axis=(-2, -1))
+    distance2 = jnp.sum(abs2(e), axis=(-2, -1))
     near = jnp.all(distance2 <= NEAR_ORTHONORMAL**2)  # False for NaN
     return cast(
         jax.Array,
@@ -267,8 +252,8 @@ def _polar_exact(
 
 
 def _polar_primal(layout: Layout, y: jax.Array, precision: Any) -> jax.Array:
-    c = _sym(_contract.gram(layout, y, precision=precision, acc=y.dtype))
-    e = c - _eye_like(c)
+    c = sym(_contract.gram(layout, y, precision=precision, acc=y.dtype))
+    e = c - eye_like(c)
     bounds = radii(real_dtype(y.dtype), vector_length(layout, y.shape))  # complex64: float32's
 
     def first() -> jax.Array:
@@ -303,9 +288,9 @@ def _lyapunov(h: jax.Array, k: jax.Array, precision: Any) -> jax.Array:
 
     def eigen_solve(hh: jax.Array, b: jax.Array) -> jax.Array:
         w, v = jnp.linalg.eigh(hh)
-        inner = _mm(_mm(_h(v), b, precision), v, precision)
+        inner = _mm(_mm(adjoint(v), b, precision), v, precision)
         inner = inner / (w[..., :, None] + w[..., None, :]).astype(inner.dtype)
-        return _mm(_mm(v, inner, precision), _h(v), precision)
+        return _mm(_mm(v, inner, precision), adjoint(v), precision)
 
     if not jnp.issubdtype(h.dtype, jnp.complexfloating):
         # The operator is self-adjoint: the transposed solve is the solve.
@@ -341,11 +326,11 @@ def polar(layout: Layout, y: jax.Array, *, precision: Any) -> jax.Array:
     ) -> tuple[jax.Array, jax.Array]:
         (x,), (dx,) = primals, tangents
         q = fn(x)  # through fn: the next order of differentiation is this rule again
-        h = _sym(_cross(layout, q, x, precision))
+        h = sym(_cross(layout, q, x, precision))
         qt_dx = _cross(layout, q, dx, precision)
-        omega = _lyapunov(h, qt_dx - _h(qt_dx), precision)
+        omega = _lyapunov(h, qt_dx - adjoint(qt_dx), precision)
         # 2I in the type of h (its shape, and under shard_map its varying axes).
-        h_inv = _lyapunov(h, 2 * _eye_like(h) + jnp.zeros_like(h), precision)
+        h_inv = _lyapunov(h, 2 * eye_like(h) + jnp.zeros_like(h), precision)
         # (I - Q Q^T) dX H^{-1}: never an l x l matrix.
         normal = _times(layout, dx, h_inv, precision) - _times(
             layout, q, _mm(qt_dx, h_inv, precision), precision

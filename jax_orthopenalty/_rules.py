@@ -1,4 +1,4 @@
-r"""Norms and subgradient conventions.
+r"""Norms and subgradient conventions: one :class:`Rule` per norm, from one table.
 
 The penalty applies a norm :math:`f` to each Gram residual
 :math:`X_i = \Phi_i^\top\Phi_i - I` and sums. Its backward pass needs the
@@ -8,22 +8,29 @@ the user's ``norm`` and ``subgradient`` options into one :class:`Rule`, whose
 ``(groups..., n, n)``: for an entrywise norm (``"l1"``, ``"squared"``, :class:`huber`)
 ``value`` is :math:`f` entry by entry, for a matrix norm (:class:`spectral`, ``"max"``,
 see :mod:`._matrix_norms`) one value per group; either way the total is its sum.
+
+A named norm is one row of :data:`NORMS`, and a parametrised one (:class:`huber`,
+:class:`spectral`) has a ``rule`` method; the :class:`Rule` carries what the norm can do
+(complex residuals, a double-sided form, whether the kink convention applies), so the
+code above asks the rule instead of comparing names.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Literal, TypeAlias
 
 import jax
 import jax.numpy as jnp
 
+from ._matrix import abs2
 from ._matrix_norms import MaxRule, SpectralRule
 
 __all__ = [
-    "SQUARED",
+    "NORMS",
     "Norm",
     "Rule",
     "Subgradient",
@@ -35,6 +42,8 @@ __all__ = [
     "spectral",
     "subgradient_fn",
 ]
+
+Sign = Callable[[jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +150,11 @@ class huber:
             return jnp.where(jnp.abs(x) <= self.delta, x / self.delta, sign(x))
         return jnp.clip(x / self.delta, -1.0, 1.0)
 
+    def rule(self, sign: Sign) -> Rule:
+        """The :class:`Rule` of this norm (smooth: ``sign`` does not apply)."""
+        del sign
+        return Rule(repr(self), self.value, self.derivative, smooth=True)
+
 
 @dataclasses.dataclass(frozen=True)
 class spectral:
@@ -241,9 +255,21 @@ class spectral:
             if k < 1:
                 raise ValueError(f"`iterations` must be >= 1 (or None for exact), got {k}.")
 
+    def rule(self, sign: Sign) -> Rule:
+        """The :class:`Rule` of this norm: one value and one F per group."""
+        joint = SpectralRule(self.squared, self.iterations, sign)
+        # Complex X: eigh's Daleckii-Krein jvp is derived for real symmetric X only.
+        # Double-sided: ||Phi Phi^T - I||_2 = max(||X||_2, [l > n]) adds a constant only.
+        return Rule(
+            repr(self), _First(joint), _Second(joint), joint, complex_ok=False, row_form=None
+        )
+
 
 Norm: TypeAlias = Literal["l1", "squared", "spectral", "max"] | huber | spectral
 """The norm f applied to each X_i = Phi_i^T Phi_i - I; the penalty sums it over groups.
+
+The names are the rows of :data:`NORMS`; :class:`huber` and :class:`spectral` take
+parameters.
 
 Entrywise (summed over the entries too): ``"l1"`` is |x| (with a kink at 0, see
 :data:`Subgradient`), ``"squared"`` is x**2 (the Frobenius² "soft orthogonality"
@@ -322,31 +348,36 @@ _NAMED_SUBGRADIENTS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def _square(x: jax.Array) -> jax.Array:
-    if jnp.iscomplexobj(x):  # |x|^2
-        re, im = jnp.real(x), jnp.imag(x)
-        return re * re + im * im
-    return x * x
-
-
 def _twice(x: jax.Array) -> jax.Array:
     return 2 * x
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """A norm and the derivative the backward pass uses, on ``x`` of shape ``(..., n, n)``.
+    """A norm, the derivative the backward pass uses, and what the norm can do.
 
-    Entrywise rules give ``value`` and ``derivative`` entry by entry; a matrix rule
-    (``per_group``) gives ``joint(x) -> (value, F)`` with one value per group (the
-    last two axes reduced) and ``F`` of ``x``'s shape. Either way the penalty sums
-    ``value`` and uses ``F`` in its one matmul. Hashable and compared by value, so it
-    can be a static argument.
+    On ``x`` of shape ``(..., n, n)``: entrywise rules give ``value`` and ``derivative``
+    entry by entry; a matrix rule (``joint`` set, :attr:`per_group`) gives
+    ``joint(x) -> (value, F)`` with one value per group (the last two axes reduced) and
+    ``F`` of ``x``'s shape. Either way the penalty sums ``value`` and uses ``F`` in its
+    one matmul. Hashable and compared by value, so it can be a static argument.
+
+    Attributes:
+      name: the norm as the user wrote it, for error messages.
+      complex_ok: whether complex residuals (unitary groups) are supported.
+      row_form: the double-sided term: ``"entrywise"`` (the l x l residual, entry by
+        entry), ``"gram"`` (an exact identity in the n x n residual: the squared
+        norm), or ``None`` (not defined).
+      smooth: differentiable everywhere, so the ``subgradient`` convention does not apply.
     """
 
+    name: str
     value: Callable[[jax.Array], jax.Array]
     derivative: Callable[[jax.Array], jax.Array]
     joint: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
+    complex_ok: bool = True
+    row_form: Literal["entrywise", "gram"] | None = "entrywise"
+    smooth: bool = False
 
     @property
     def per_group(self) -> bool:
@@ -380,12 +411,35 @@ class _Second:
         return self.joint(x)[1]
 
 
-def _matrix_rule(joint: Callable[[jax.Array], tuple[jax.Array, jax.Array]]) -> Rule:
-    return Rule(_First(joint), _Second(joint), joint)
-
-
-SQUARED = Rule(_square, _twice)
+SQUARED = Rule("'squared'", abs2, _twice, smooth=True, row_form="gram")
 """The ``"squared"`` norm's rule (its double-sided term has an exact n x n form)."""
+
+
+def _max_rule(sign: Sign) -> Rule:
+    joint = MaxRule(sign)
+    # The arg-max of a complex X's moduli has no derivative rule here; the row term
+    # would be one more arg-max over the l x l residual: neither is implemented.
+    return Rule("'max'", _First(joint), _Second(joint), joint, complex_ok=False, row_form=None)
+
+
+NORMS: Mapping[str, Callable[[Sign], Rule]] = MappingProxyType(
+    {
+        "l1": lambda sign: Rule("'l1'", jnp.abs, sign),
+        "squared": lambda sign: SQUARED,
+        "spectral": lambda sign: spectral().rule(sign),
+        "max": _max_rule,
+    }
+)
+r"""The named norms: each maps the derivative of :math:`|x|` (the kink convention) to
+its :class:`Rule`. ``"l1"`` is :math:`|x|` entry by entry, ``"squared"`` :math:`|x|^2`
+(the Frobenius² "soft orthogonality" penalty), ``"spectral"`` :math:`\lVert X_i\rVert_2`
+per group (= :class:`spectral` ``()``), ``"max"`` :math:`\max_{jk} |X_i|_{jk}` per group
+(mutual coherence with ``off_diagonal=True, normalize=True``)."""
+
+_NORMS = (
+    ", ".join(repr(name) for name in NORMS)
+    + ", jax_orthopenalty.huber(delta) or jax_orthopenalty.spectral(squared=..., iterations=...)"
+)
 
 
 def make_rule(norm: Norm, subgradient: Subgradient) -> Rule:
@@ -396,27 +450,13 @@ def make_rule(norm: Norm, subgradient: Subgradient) -> Rule:
       TypeError: for an option of the wrong kind.
     """
     derivative = subgradient_fn(subgradient)
-    if isinstance(norm, huber):
-        return Rule(norm.value, norm.derivative)
-    if isinstance(norm, spectral):
-        return _matrix_rule(SpectralRule(norm.squared, norm.iterations, derivative))
     if isinstance(norm, str):
-        if norm == "l1":
-            return Rule(jnp.abs, derivative)
-        if norm == "squared":
-            return SQUARED
-        if norm == "spectral":
-            return make_rule(spectral(), subgradient)
-        if norm == "max":
-            return _matrix_rule(MaxRule(derivative))
-        raise ValueError(f"`norm` must be {_NORMS}, got {norm!r}.")
+        if norm not in NORMS:
+            raise ValueError(f"`norm` must be {_NORMS}, got {norm!r}.")
+        return dataclasses.replace(NORMS[norm](derivative), name=repr(norm))
+    if isinstance(norm, (huber, spectral)):
+        return norm.rule(derivative)
     raise TypeError(f"`norm` must be {_NORMS}, got {norm!r} of type {type(norm).__name__}.")
-
-
-_NORMS = (
-    "'l1', 'squared', 'spectral', 'max', jax_orthopenalty.huber(delta) or "
-    "jax_orthopenalty.spectral(squared=..., iterations=...)"
-)
 
 
 def subgradient_fn(subgradient: Subgradient) -> Callable[[jax.Array], jax.Array]:
@@ -435,10 +475,55 @@ def subgradient_fn(subgradient: Subgradient) -> Callable[[jax.Array], jax.Array]
             "not an array. Under optax.inject_hyperparams, name it in static_args: "
             'static_args=("subgradient",).'
         )
-    if callable(subgradient):
+    if isinstance(subgradient, deadzone):
         return subgradient
+    if callable(subgradient):
+        return _Checked(subgradient)
     raise TypeError(
         "`subgradient` must be 'zero', 'positive', 'negative', "
         f"jax_orthopenalty.deadzone(tol) or a callable, got {subgradient!r} "
         f"of type {type(subgradient).__name__}."
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """A user's ``subgradient`` callable, checked where it is applied: on the real
+    residual (or its eigenvalues), at trace time, with no probe trace of its own."""
+
+    fn: Callable[[jax.Array], jax.Array]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.on(x, "the residual X")
+
+    def on(self, x: jax.Array, what: str) -> jax.Array:
+        """``fn(x)``, or a TypeError naming ``subgradient`` and ``what`` ``x`` is."""
+        where = f"{what} of shape {x.shape} ({jnp.dtype(x.dtype)})"
+        try:
+            out = self.fn(x)
+        except Exception as e:  # the user's callable failed on the real residual
+            raise TypeError(
+                f"`subgradient` {self.fn!r} failed on {where}: {type(e).__name__}: {e}"
+            ) from e
+        shape = getattr(out, "shape", None)
+        if shape != x.shape:
+            got = type(out).__name__ if shape is None else shape
+            raise TypeError(
+                f"`subgradient` {self.fn!r} must map an array x to an array of x's shape, "
+                f"got {got} for {what} of shape {x.shape}."
+            )
+        dtype = jnp.dtype(getattr(out, "dtype", None) or jnp.float32)
+        if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+            # For complex x the derivative of |x| is x / |x| away from 0: complex. A real
+            # result is a convention written for real residuals, not a subgradient of |x|.
+            raise TypeError(
+                f"`subgradient` {self.fn!r} must return a complex array for the complex "
+                f"residual X ({jnp.dtype(x.dtype)}): the derivative of |x| is x / |x| away "
+                f"from 0, with |s| <= 1 at 0. Got dtype {dtype}."
+            )
+        if not jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"`subgradient` {self.fn!r} must return a real floating array, got dtype "
+                f"{dtype} for {what} of dtype {jnp.dtype(x.dtype)}."
+            )
+        return jnp.asarray(out)

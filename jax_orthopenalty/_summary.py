@@ -14,17 +14,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from ._layout import Layout, make_layout, zero_groups
-from ._transform import (
+from ._layout import zero_groups
+from ._select import (
     DimensionNumbers,
     MaskOrFn,
-    _check_mask,
-    _default_skip,
-    _is_hole,
-    _masked_view,
-    _select,
+    check_mask,
+    default_skip,
+    masked_paths,
+    masked_view,
+    select,
+    shape_and_dtype,
 )
 
 __all__ = ["summary"]
@@ -32,52 +32,64 @@ __all__ = ["summary"]
 _HEADER = ("leaf", "shape", "dtype", "selected", "vectors", "column", "groups", "l", "n", "notes")
 
 
-def _notes(x: Any, layout: Layout, l: int, n: int, default: bool) -> list[str]:
+def _axes_text(axes: tuple[int, ...]) -> str:
+    return str(axes[0]) if len(axes) == 1 else str(axes)
+
+
+def _notes(x: Any, reduced: tuple[int, ...], ndim: int, l: int, n: int, default: bool) -> str:
     notes = []
     if n > l:
         notes.append("n > l: use the rows")
-    if default and layout.ndim >= 3:
+    if default and ndim >= 3:
         notes.append("rank >= 3 by default: see dimension_numbers_for")
-    zeros = zero_groups(x, layout)
+    zeros = zero_groups(x, reduced)
     if zeros:
         notes.append(f"{zeros} all-zero group{'s' * (zeros > 1)}: landing can't move")
-    return notes
+    return "; ".join(notes)
+
+
+def _selected(
+    x: Any, shape: tuple[int, ...], dtype: Any, dims: Any, default: bool
+) -> tuple[str, ...]:
+    """The columns from "selected" on, for a leaf ``dims`` selects."""
+    try:
+        axes = dims.layout(len(shape))
+    except (ValueError, TypeError) as e:
+        return ("error", "", "", "", "", "", str(e))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        # What the transforms raise on it (check_phi): listed as an error, not selected.
+        return ("error", "", "", "", "", "", f"dtype {dtype} is not floating")
+    columns = axes.column_axes
+    groups = math.prod(s for a, s in enumerate(shape) if a not in (*axes.vector_axes, *columns))
+    l = math.prod(shape[a] for a in axes.vector_axes)
+    n = math.prod(shape[a] for a in columns)
+    reduced = (*axes.vector_axes, *columns)
+    return (
+        "yes",
+        _axes_text(axes.vector_axes),
+        _axes_text(columns),
+        str(groups),
+        str(l),
+        str(n),
+        _notes(x, reduced, len(shape), l, n, default),
+    )
 
 
 def _row(path: Any, x: Any, masked: bool, dims: Any, default: bool) -> tuple[str, ...]:
     where = jax.tree_util.keystr(path) or "(root)"
-    if x is None:
-        return (where, "", "", "no: None leaf", "", "", "", "", "", "")
-    # jnp.shape and result_type: arrays, abstract values and Python numbers alike.
-    shape = jnp.shape(x)
-    head = (where, str(shape), str(jnp.result_type(x)))
     blank = ("",) * 6
+    known = shape_and_dtype(x)
+    if known is None:
+        return (where, "", "", f"no: not an array ({type(x).__name__})", *blank)
+    shape, dtype = known
+    head = (where, str(tuple(shape)), str(dtype))
     if masked:
         return (*head, "no: masked out by `mask`", *blank)
     if dims is None:
-        # dims is None under the default selection exactly where _default_skip says why.
-        reason = _default_skip(x) if default else "`dimension_numbers` gives None"
+        # dims is None under the default selection exactly where default_skip says why.
+        reason = default_skip(x) if default else "`dimension_numbers` gives None"
         return (*head, f"no: {reason}", *blank)
-    try:
-        layout = make_layout(len(shape), dims.vector_axis, dims.column_axis)
-    except (ValueError, TypeError) as e:
-        return (*head, "error", "", "", "", "", "", str(e))
-    groups = math.prod(shape[a] for a in layout.group_axes)
-    l = math.prod(shape[a] for a in layout.vector_axes)
-    n = shape[layout.column_axis]
-    vectors = (
-        str(layout.vector_axes[0]) if len(layout.vector_axes) == 1 else str(layout.vector_axes)
-    )
-    return (
-        *head,
-        "yes",
-        vectors,
-        str(layout.column_axis),
-        str(groups),
-        str(l),
-        str(n),
-        "; ".join(_notes(x, layout, l, n, default)),
-    )
+    return (*head, *_selected(x, shape, dtype, dims, default))
 
 
 def summary(
@@ -146,19 +158,15 @@ def summary(
       ['head']  (8, 10)       float32  yes                                 1          0       1       10  8
       selected: 2 of 3 leaves, 2 groups
     """  # noqa: E501
-    _check_mask(mask)
-    view = _masked_view(params, mask)
-    masked_paths = [
-        path
-        for path, x in jax.tree_util.tree_flatten_with_path(view, is_leaf=_is_hole)[0]
-        if isinstance(x, optax.MaskedNode)
-    ]
-    _, selected = _select(view, dimension_numbers)
-    dims_at = {leaf.path: leaf.dims for leaf in selected}
+    check_mask(mask)
+    view = masked_view(params, mask)
+    hidden = masked_paths(view)
+    dims_at = {leaf.path: leaf.dims for leaf in select(view, dimension_numbers)[1]}
     rows: list[tuple[str, ...]] = [_HEADER]
     count = groups = 0
-    for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda v: v is None)[0]:
-        masked = any(path[: len(p)] == p for p in masked_paths)
+    # None leaves (equinox's empty fields, an absent bias) are no parameters: not listed.
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        masked = any(path[:k] in hidden for k in range(len(path) + 1))
         row = _row(path, x, masked, dims_at.get(path), dimension_numbers is None)
         rows.append(row)
         if row[3] == "yes":

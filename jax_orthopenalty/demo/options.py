@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="the penalty strength beta (default: 0.1)",
     )
+    _add_training_arguments(parser)
+    _add_output_arguments(parser)
+    return parser
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the training runs."""
     parser.add_argument(
         "--steps", type=_positive_int, default=600, help="training steps (default: 600)"
     )
@@ -92,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="data points per group (default: 256)",
     )
     parser.add_argument("--seed", type=int, default=0, help="the random seed (default: 0)")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the plot goes, and what is compared."""
     parser.add_argument(
         "--output",
         "-o",
@@ -104,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train only with --subgradient, not with every convention",
     )
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -41,11 +41,13 @@ __all__ = [
     "is_hole",
     "map_params",
     "map_selected",
+    "map_selected_with",
     "masked_paths",
     "masked_view",
     "naming",
     "no_params",
     "select",
+    "selected_tree",
     "shape_and_dtype",
     "transformation",
     "where",
@@ -426,6 +428,59 @@ def map_params(
                 phi, axes = _prepare(leaf)
                 out.append((leaf.path, fn(axes.fold(phi), axes.inner)))
     return out
+
+
+def selected_tree(
+    fn: Callable[[jax.Array, Any], Any], params: Any, dimension_numbers: DimensionNumbers
+) -> Any:
+    """A tree of the params' structure: ``fn(phi, layout)`` at every selected leaf and
+    ``None`` elsewhere (per-leaf state, such as one multiplier per group)."""
+    treedef, leaves = select(params, dimension_numbers)
+    out: list[Any] = []
+    for leaf in leaves:
+        if leaf.dims is None:
+            out.append(None)
+            continue
+        with naming(leaf.path):
+            phi, axes = _prepare(leaf)
+            out.append(fn(axes.fold(phi), axes.inner))
+    return treedef.unflatten(out)
+
+
+def map_selected_with(
+    kernel: Callable[[jax.Array, jax.Array, Any, Any], tuple[jax.Array, Any]],
+    updates: Any,
+    params: Any,
+    dimension_numbers: DimensionNumbers,
+    state: Any,
+) -> tuple[Any, Any]:
+    """:func:`map_selected` with per-leaf state: ``kernel(phi, u, layout, s) -> (u', s')``
+    for every selected leaf, ``s`` its entry in ``state`` (a :func:`selected_tree`).
+
+    Returns the new updates and the new state (unchanged where an update is ``None``).
+    """
+    treedef, leaves = select(params, dimension_numbers)
+    entries = treedef.flatten_up_to(state)
+    new_state = list(entries)
+    slots = treedef.unflatten(
+        [leaf.phi if is_hole(leaf.phi) else (k, leaf) for k, leaf in enumerate(leaves)]
+    )
+
+    def one(u: Any, slot: Any) -> Any:
+        if u is None or not isinstance(slot, tuple) or slot[1].dims is None:
+            return u
+        k, leaf = slot
+        with naming(leaf.path):
+            phi, axes = _prepare(leaf)
+            u = jnp.asarray(u)
+            if u.shape != phi.shape:
+                raise ValueError(f"`updates` has shape {u.shape}, the params leaf {phi.shape}.")
+            out, new_state[k] = kernel(axes.fold(phi), axes.fold(u), axes.inner, entries[k])
+            return axes.unfold(out, u.shape)
+
+    # A slot (k, leaf) is a tuple: a subtree below the update's leaf, handed to `one` whole.
+    new_updates = jax.tree.map(one, updates, slots, is_leaf=lambda x: x is None)
+    return new_updates, treedef.unflatten(new_state)
 
 
 def _prepare(leaf: Leaf) -> tuple[jax.Array, Axes]:

@@ -36,7 +36,7 @@ __all__ = [
     "make_axes",
     "make_layout",
     "real_dtype",
-    "zero_groups",
+    "zero_parts",
 ]
 
 DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
@@ -342,17 +342,21 @@ def accumulation_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype  # type: ignore[no-any-return]
 
 
-def zero_groups(x: Any, reduced: tuple[int, ...]) -> int:
-    """How many groups of a concrete ``x`` are all zero (0 for a traced or abstract ``x``,
-    and for an array that spans devices of other processes: it is not copied here)."""
+def zero_parts(
+    x: Any, vector_axes: tuple[int, ...], column_axes: tuple[int, ...]
+) -> tuple[int, int]:
+    """``(groups, columns)``: how many groups of a concrete ``x`` are all zero, and how many
+    zero columns the other groups hold. ``(0, 0)`` for a traced or abstract ``x``, and for
+    an array that spans devices of other processes (it is not copied here)."""
     if isinstance(x, jax.core.Tracer) or not isinstance(x, (jax.Array, np.ndarray)):
-        return 0
+        return 0, 0
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return 0  # spread over several processes (jax.distributed): no host copy here
+        return 0, 0  # spread over several processes (jax.distributed): no host copy here
     if x.size == 0:
-        return 0
-    zero = np.all(np.asarray(x) == 0, axis=reduced)  # the vector and column axes
-    return int(np.sum(zero))
+        return 0, 0
+    columns = np.all(np.asarray(x) == 0, axis=vector_axes, keepdims=True)
+    groups = np.all(columns, axis=column_axes, keepdims=True)
+    return int(np.sum(groups)), int(np.sum(columns & ~groups))
 
 
 def real_dtype(dtype: Any) -> jnp.dtype:

@@ -44,7 +44,7 @@ from ._layout import (
     accumulation_dtype,
     check_beta,
     real_dtype,
-    zero_groups,
+    zero_parts,
 )
 from ._matrix import abs2, eye_like
 from ._polar import NEAR_ORTHONORMAL as NEAR_ORTHONORMAL
@@ -224,25 +224,38 @@ def _project_kernel(
     return moved.astype(updates.dtype)
 
 
-def _warn_zero_groups(params: Any, dimension_numbers: DimensionNumbers) -> None:
-    """Warns, naming the leaf, where a selected group of concrete params is all zero.
+_ZERO_CONSEQUENCE = {
+    "landing": "the landing field vanishes on a zero group and on a zero column (both terms "
+    "are products with X), so landing never moves them, whatever the task's gradient",
+    "project_orthonormal": "the nearest orthonormal matrix to a zero group (or to a group "
+    "with a zero column) is not unique: the first step turns it into an arbitrary one",
+}
 
-    The landing field is exactly 0 at :math:`X = 0` (both terms are products with
-    :math:`X`), so landing never moves a zero-initialised group. Traced params (init
-    under jit) and arrays spread over several processes are not checked.
+
+def _warn_zeros(name: str, params: Any, dimension_numbers: DimensionNumbers) -> None:
+    """Warns, naming the leaf, where a selected leaf of concrete params has an all-zero
+    group or a zero column (a zero-initialised head or residual branch).
+
+    Traced params (init under jit) and arrays spread over several processes are not
+    checked.
     """
     counted = map_params(
-        lambda phi, layout: zero_groups(phi, (*layout.vector_axes, layout.column_axis)),
+        lambda phi, layout: zero_parts(phi, layout.vector_axes, (layout.column_axis,)),
         params,
         dimension_numbers,
     )
-    for path, zeros in counted:
-        if zeros:
+    for path, (groups, columns) in counted:
+        if groups or columns:
+            what = ", ".join(
+                f"{k} {noun}{'s' * (k > 1)}"
+                for k, noun in ((groups, "all-zero group"), (columns, "zero column"))
+                if k
+            )
             warnings.warn(
-                f"landing: params leaf {where(path)} has a group that is all zero. The landing "
-                "field is exactly 0 at X = 0, so landing never moves it: initialise it "
-                "(orthogonal init, e.g. jax.nn.initializers.orthogonal()), or skip the "
-                "leaf with None in dimension_numbers.",
+                f"{name}: params leaf {where(path)} has {what}: {_ZERO_CONSEQUENCE[name]}. "
+                "Initialise it (orthogonal init, e.g. jax.nn.initializers.orthogonal()), "
+                "or skip the leaf with None in dimension_numbers (a zero-initialised "
+                "classifier head is usually not meant to be orthonormal).",
                 UserWarning,
                 stacklevel=3,
             )
@@ -357,7 +370,7 @@ def landing(
             raise ValueError(f"`safe_step` must be > 0 (the band's radius), got {safe_step!r}.")
 
     def init_fn(params: Any) -> LandingState:
-        _warn_zero_groups(params, dimension_numbers)
+        _warn_zeros("landing", params, dimension_numbers)
         return LandingState(count=jnp.zeros([], jnp.int32))
 
     def update_fn(
@@ -448,7 +461,7 @@ def project_orthonormal(
     """
 
     def init_fn(params: Any) -> optax.EmptyState:
-        del params
+        _warn_zeros("project_orthonormal", params, dimension_numbers)
         return optax.EmptyState()
 
     def update_fn(

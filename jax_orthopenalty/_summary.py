@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._layout import zero_groups
+from ._layout import zero_parts
 from ._select import (
     DimensionNumbers,
     MaskOrFn,
@@ -36,15 +36,17 @@ def _axes_text(axes: tuple[int, ...]) -> str:
     return str(axes[0]) if len(axes) == 1 else str(axes)
 
 
-def _notes(x: Any, reduced: tuple[int, ...], ndim: int, l: int, n: int, default: bool) -> str:
+def _notes(x: Any, axes: Any, ndim: int, l: int, n: int, default: bool) -> str:
     notes = []
     if n > l:
         notes.append("n > l: use the rows")
     if default and ndim >= 3:
         notes.append("rank >= 3 by default: see dimension_numbers_for")
-    zeros = zero_groups(x, reduced)
-    if zeros:
-        notes.append(f"{zeros} all-zero group{'s' * (zeros > 1)}: landing can't move")
+    groups, columns = zero_parts(x, axes.vector_axes, axes.column_axes)
+    if groups:
+        notes.append(f"{groups} all-zero group{'s' * (groups > 1)}: landing can't move")
+    if columns:
+        notes.append(f"{columns} zero column{'s' * (columns > 1)}: landing can't move")
     return "; ".join(notes)
 
 
@@ -63,7 +65,6 @@ def _selected(
     groups = math.prod(s for a, s in enumerate(shape) if a not in (*axes.vector_axes, *columns))
     l = math.prod(shape[a] for a in axes.vector_axes)
     n = math.prod(shape[a] for a in columns)
-    reduced = (*axes.vector_axes, *columns)
     return (
         "yes",
         _axes_text(axes.vector_axes),
@@ -71,7 +72,7 @@ def _selected(
         str(groups),
         str(l),
         str(n),
-        _notes(x, reduced, len(shape), l, n, default),
+        _notes(x, axes, len(shape), l, n, default),
     )
 
 

@@ -21,7 +21,7 @@ from ._transform import AddOrthogonalityPenaltyState as AddOrthogonalityPenaltyS
 from ._transform import add_orthogonality_penalty as add_orthogonality_penalty
 from ._transform import tree_orthogonality_penalty as tree_orthogonality_penalty
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "AddOrthogonalityPenaltyState",

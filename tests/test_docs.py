@@ -24,7 +24,15 @@ import jax_orthopenalty as jop
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 # The pages whose code blocks are complete programs, run top to bottom.
-PAGES_WITH_CODE = ["index.md", "getting-started.md", "conventions.md", "layouts.md", "optax.md"]
+PAGES_WITH_CODE = [
+    "index.md",
+    "getting-started.md",
+    "conventions.md",
+    "layouts.md",
+    "optax.md",
+    "soft-or-exact.md",
+    "failure-modes.md",
+]
 RAW_REST = re.compile(r"\.\. math::|:(?:func|class|math|meth|attr|mod):`")
 
 
@@ -191,9 +199,10 @@ def _python_blocks(markdown: str) -> list[str]:
 @pytest.mark.parametrize(
     "page",
     [
-        # Pages whose examples run optax.adam: see conftest.py's optax_promotion.
+        # Pages whose examples run optax's Adam or schedules: see conftest.py's
+        # optax_promotion (the same pattern marks the doctests).
         pytest.param(p, marks=pytest.mark.optax_promotion)
-        if "optax.adam" in (DOCS / p).read_text()
+        if re.search(r"optax\.(adam|adamw|scale_by_adam|\w+_schedule)\b", (DOCS / p).read_text())
         else p
         for p in PAGES_WITH_CODE
     ],

@@ -62,12 +62,13 @@ Stride = int | Sequence[int]
 # --------------------------------------------------------------------------- layout
 
 
-def _arrange(kernel: jax.Array, layout: ConvLayout, rows: bool) -> jax.Array:
-    """The polyphase operators ``(L, G, R, Q, *k')`` of a kernel: differentiable.
+def _arrange(kernel: jax.Array, layout: ConvLayout, polyphase: bool, swap: bool) -> jax.Array:
+    """The operators ``(L, G, R, Q, *k)`` of a kernel: differentiable.
 
     Transpose to ``(*lead, O, I, *k)``, split ``O`` into its groups, zero-insert for
-    dilation, space-to-depth for the stride, and, for the columns case, swap the two
-    channel axes so that ``R`` is always the axis of the Gram.
+    dilation; with ``polyphase``, space-to-depth for the stride (``Q = C S^d / G``,
+    ``k' = ceil(k / S)`` taps); with ``swap``, exchange the two channel axes so that
+    ``R`` is the axis of the Gram (the columns case).
     """
     k = jnp.transpose(kernel, layout.canonical_order)
     d, g, s = layout.spatial_ndim, layout.feature_group_count, layout.stride
@@ -78,13 +79,30 @@ def _arrange(kernel: jax.Array, layout: ConvLayout, rows: bool) -> jax.Array:
     if any(dl > 1 for dl in layout.dilation):
         k = jax.lax.pad(k, zero, [(0, 0, 0)] * 4 + [(0, 0, dl - 1) for dl in layout.dilation])
     kp = layout.reduced_size(kernel.shape)
-    if any(st > 1 for st in s):
+    if polyphase and any(st > 1 for st in s):
         high = [r * st - n for r, st, n in zip(kp, s, k.shape[4:], strict=True)]
         k = jax.lax.pad(k, zero, [(0, 0, 0)] * 4 + [(0, h, 0) for h in high])
         k = k.reshape((*k.shape[:4], *(x for r, st in zip(kp, s, strict=True) for x in (r, st))))
         perm = (0, 1, 2, 3, *(5 + 2 * i for i in range(d)), *(4 + 2 * i for i in range(d)))
         k = jnp.transpose(k, perm).reshape((*k.shape[:3], cg * layout.phases, *kp))
-    return k if rows else jnp.swapaxes(k, 2, 3)
+    return jnp.swapaxes(k, 2, 3) if swap else k
+
+
+def _operators(
+    kernel: jax.Array, layout: ConvLayout
+) -> tuple[Callable[[jax.Array], jax.Array], tuple[int, ...]]:
+    """How the penalty sees a kernel: the arrangement and the correlation's stride.
+
+    Rows: the (dilated) kernel itself, correlated with itself at stride S (OCNN's
+    ``Conv(K, K, S)``, no zero taps from space-to-depth). Columns: the polyphase
+    kernel with its channel axes swapped, at stride 1.
+    """
+    if layout.rows(kernel.shape):
+        return functools.partial(
+            _arrange, layout=layout, polyphase=False, swap=False
+        ), layout.stride
+    arrange = functools.partial(_arrange, layout=layout, polyphase=True, swap=True)
+    return arrange, (1,) * layout.spatial_ndim
 
 
 def _over_operators(fn: Callable[..., Any], *arrays: jax.Array) -> Any:
@@ -115,51 +133,72 @@ def _numbers(d: int, lhs: tuple[int, int], out: tuple[int, int]) -> jax.lax.Conv
     return jax.lax.ConvDimensionNumbers((*lhs, *spatial), (0, 1, *spatial), (*out, *spatial))
 
 
-def _autocorrelation(a: jax.Array, precision: Any) -> jax.Array:
-    """``(N, R, Q, *k') -> (N, R, R, *(2k'-1))``: the Gram at every overlapping shift.
+def _autocorrelation(a: jax.Array, stride: tuple[int, ...], precision: Any) -> jax.Array:
+    """``(N, R, Q, *k) -> (N, R, R, *(2k'-1))``: the Gram at every overlapping shift
+    that is a multiple of ``stride`` (``k' = ceil(k / S)``).
 
-    One grouped conv: the input's batch is ``m'`` and its features ``(n, c')``, the
-    kernel's out features ``(n, m)``; ``out[(n, m), m', delta]`` is the Gram.
+    One grouped conv: the input's batch is ``m'`` and its features ``(n, c)``, the
+    kernel's out features ``(n, m)``; ``out[(n, m), m', delta]`` is the Gram
+    ``sum K[m, c, u] K[m', c, u + S delta]``.
     """
-    n, r, q, *kp = a.shape
-    lhs = jnp.swapaxes(a, 0, 1).reshape((r, n * q, *kp))
+    n, r, q, *k = a.shape
+    kp = [-(-w // st) for w, st in zip(k, stride, strict=True)]
+    lhs = jnp.swapaxes(a, 0, 1).reshape((r, n * q, *k))
     return jax.lax.conv_general_dilated(
         lhs,
-        a.reshape((n * r, q, *kp)),
-        window_strides=(1,) * len(kp),
-        padding=[(w - 1, w - 1) for w in kp],
-        dimension_numbers=_numbers(len(kp), (0, 1), (1, 0)),
+        a.reshape((n * r, q, *k)),
+        window_strides=stride,
+        padding=[((w - 1) * st,) * 2 for w, st in zip(kp, stride, strict=True)],
+        dimension_numbers=_numbers(len(k), (0, 1), (1, 0)),
         feature_group_count=n,
         precision=precision,
         preferred_element_type=a.dtype,
     ).reshape((n, r, r, *(2 * w - 1 for w in kp)))
 
 
-def _correlate_back(a: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
-    """``sum_{m', delta} W[n, a, m', delta] K'[n, m', c, w + delta]``: one grouped conv.
+def _correlate_back(
+    a: jax.Array, w: jax.Array, stride: tuple[int, ...], precision: Any
+) -> jax.Array:
+    """``sum_{m', delta} W[n, a, m', delta] K[n, m', c, u + S delta]``: one grouped conv.
 
-    The input's features are ``(n, m')`` and its batch ``c``; ``W`` is the kernel, out
-    features ``(n, a)``; padding ``k' - 1`` each side brings the output back to ``k'``.
+    Written with ``W`` as the conv's input and the flipped kernel as its filter (a
+    small filter over a larger input, the shape XLA's convolutions are fast at; the
+    transposed form, the 2k'-1 taps of ``W`` over the kernel, is up to 100x slower
+    on CPU). The input ``flip(W)`` has batch ``a``, features ``(n, m')``, and is
+    dilated by the stride; the filter ``flip(K)`` has out features ``(n, c)`` and in
+    features ``m'``; padding ``k - 1 - S (k' - 1)`` each side gives ``k`` outputs.
+    Channels-last (``NHWC``/``HWIO``), the layout XLA:CPU's convolutions run in.
     """
-    n, r, q, *kp = a.shape
-    return jax.lax.conv_general_dilated(
-        a.reshape((n * r, q, *kp)),
-        w.reshape((n * r, r, *w.shape[3:])),
-        window_strides=(1,) * len(kp),
-        padding=[(s - 1, s - 1) for s in kp],
-        dimension_numbers=_numbers(len(kp), (1, 0), (1, 0)),
+    n, r, q, *k = a.shape
+    d = len(k)
+    spatial = tuple(range(3, 3 + d))
+    kp = [(s + 1) // 2 for s in w.shape[3:]]
+    pad = [(kk - 1 - st * (p - 1),) * 2 for kk, st, p in zip(k, stride, kp, strict=True)]
+    lhs = jnp.moveaxis(jnp.flip(w, spatial), (1, 0, 2), (0, -2, -1))  # (a, *D, n, m')
+    rhs = jnp.moveaxis(jnp.flip(a, spatial), (1, 0, 2), (-3, -2, -1))  # (*k, m', n, c)
+    out = jax.lax.conv_general_dilated(
+        lhs.reshape((r, *w.shape[3:], n * r)),
+        rhs.reshape((*k, r, n * q)),
+        window_strides=(1,) * d,
+        padding=pad,
+        lhs_dilation=stride,
+        dimension_numbers=jax.lax.ConvDimensionNumbers(
+            (0, d + 1, *range(1, d + 1)), (d + 1, d, *range(d)), (0, d + 1, *range(1, d + 1))
+        ),
         feature_group_count=n,
         precision=precision,
         preferred_element_type=a.dtype,
-    ).reshape(a.shape)
+    )  # (a, *k, (n, c))
+    return jnp.moveaxis(out.reshape((r, *k, n, q)), (0, -2, -1), (1, 0, 2))
 
 
 # --------------------------------------------------------------------------- math
 
 
-def _residual(a: jax.Array, precision: Any) -> jax.Array:
+def _residual(a: jax.Array, stride: tuple[int, ...], precision: Any) -> jax.Array:
     """X = the autocorrelation minus the identity at shift 0: ``(L, G, R, R, *(2k'-1))``."""
-    x: jax.Array = _over_operators(functools.partial(_autocorrelation, precision=precision), a)
+    fn = functools.partial(_autocorrelation, stride=stride, precision=precision)
+    x: jax.Array = _over_operators(fn, a)
     r, centre = x.shape[2], tuple(s // 2 for s in x.shape[4:])
     eye = jnp.eye(r, dtype=x.dtype)[None, None]
     return x.at[(slice(None),) * 4 + centre].add(-eye)
@@ -181,12 +220,14 @@ def _derivative(rule: Rule, x: jax.Array) -> jax.Array:
     return jnp.where(finite, f, jnp.nan)
 
 
-def _pullback(a: jax.Array, f: jax.Array, scale: jax.Array, precision: Any) -> jax.Array:
+def _pullback(
+    a: jax.Array, f: jax.Array, scale: jax.Array, stride: tuple[int, ...], precision: Any
+) -> jax.Array:
     """d(scale * sum f(X))/dK' from F: symmetrise, then one correlation per operator."""
     spatial = tuple(range(4, f.ndim))
     w = scale * (f + jnp.flip(jnp.swapaxes(f, 2, 3), axis=spatial))
     grad: jax.Array = _over_operators(
-        functools.partial(_correlate_back, precision=precision), a, w
+        functools.partial(_correlate_back, stride=stride, precision=precision), a, w
     )
     return grad
 
@@ -224,6 +265,7 @@ class _Options:
 
     rule: Rule
     precision: Any
+    stride: tuple[int, ...] = ()  # the correlation's stride (rows: S, columns: 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -234,7 +276,7 @@ def _penalty(opts: _Options, a: jax.Array, beta: jax.Array) -> jax.Array:
 def _penalty_fwd(
     opts: _Options, a: jax.Array, beta: jax.Array
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
-    x = _residual(a, opts.precision)
+    x = _residual(a, opts.stride, opts.precision)
     total = jnp.sum(opts.rule.value(x)).astype(a.dtype)
     # Only F (small: R x R per shift) and the kernel are kept for the backward pass.
     f = _derivative(opts.rule, x)
@@ -249,7 +291,7 @@ def _penalty_bwd(
     # Python scalar constant rather than an array.
     beta = jnp.asarray(beta)
     ct = jnp.asarray(ct).astype(a.dtype)
-    grad = _pullback(a, f, ct * beta.astype(a.dtype), opts.precision)
+    grad = _pullback(a, f, ct * beta.astype(a.dtype), opts.stride, opts.precision)
     return grad, (ct * total).astype(beta.dtype)
 
 
@@ -337,20 +379,20 @@ def conv_pull(
         raise ValueError("`rule` must be entrywise: the per-group norms are not supported.")
     kernel = jnp.asarray(kernel)
     acc = accumulation_dtype(kernel.dtype)
-    rows = layout.rows(kernel.shape)
-    a, pull = jax.vjp(lambda k: _arrange(k, layout, rows), kernel.astype(acc))
-    x = _residual(a, precision)
+    arrange, stride = _operators(kernel, layout)
+    a, pull = jax.vjp(arrange, kernel.astype(acc))
+    x = _residual(a, stride, precision)
     s = _operator_scale(scale, layout, kernel.shape, acc)
-    (grad,) = pull(_pullback(a, _derivative(rule, x), s, precision))
+    (grad,) = pull(_pullback(a, _derivative(rule, x), s, stride, precision))
     return grad.astype(kernel.dtype), _error(x, layout, kernel.shape)
 
 
 def conv_error(kernel: jax.Array, layout: ConvLayout, precision: Any) -> jax.Array:
     """max |X| per operator, of ``layout.operator_shape(kernel.shape)`` (for metrics)."""
     kernel = jnp.asarray(kernel)
-    acc = accumulation_dtype(kernel.dtype)
-    a = _arrange(kernel.astype(acc), layout, layout.rows(kernel.shape))
-    return _error(_residual(a, precision), layout, kernel.shape)
+    arrange, stride = _operators(kernel, layout)
+    a = arrange(kernel.astype(accumulation_dtype(kernel.dtype)))
+    return _error(_residual(a, stride, precision), layout, kernel.shape)
 
 
 # --------------------------------------------------------------------------- public
@@ -444,7 +486,9 @@ def conv_orthogonality_penalty(
         dilation=dilation,
         feature_group_count=feature_group_count,
     )
-    a = _arrange(k.astype(accumulation_dtype(k.dtype)), layout, layout.rows(k.shape))
+    arrange, stride = _operators(k, layout)
+    a = arrange(k.astype(accumulation_dtype(k.dtype)))
+    opts = dataclasses.replace(opts, stride=stride)
     value = _penalty(opts, *_same_varying_axes(a, beta_arr))
     return value.astype(k.dtype)
 
@@ -657,7 +701,7 @@ def conv_singular_values(
         feature_group_count=feature_group_count,
     )
     shape = _check_input_shape(input_shape, layout, k.shape)
-    a = _arrange(k.astype(accumulation_dtype(k.dtype)), layout, rows=True)
+    a = _arrange(k.astype(accumulation_dtype(k.dtype)), layout, polyphase=True, swap=False)
     n = tuple(x // s for x, s in zip(shape, layout.stride, strict=True))
     a = jnp.pad(a, [(0, 0)] * 4 + [(0, x - w) for x, w in zip(n, a.shape[4:], strict=True)])
     d = layout.spatial_ndim

@@ -31,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +79,21 @@ def plain_penalty(kernel: jax.Array, stride: int) -> jax.Array:
     return jnp.sum(jnp.abs(out - eye))
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median seconds per call of each thunk, timed in alternating order."""
+def interleaved(
+    fns: dict[str, Callable[[], Any]], reps: int, budget_s: float = 60.0
+) -> dict[str, float]:
+    """Median seconds per call of each thunk, timed in alternating order.
+
+    At most ``reps`` repetitions, fewer (but at least 5) where one repetition of all
+    the thunks would take the ``budget_s`` seconds past (autodiff of the 256-channel
+    kernel takes seconds a call on CPU).
+    """
     for fn in fns.values():  # compile and warm up
         jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    reps = max(5, min(reps, int(budget_s / max(time.perf_counter() - t0, 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for rep in range(reps):
@@ -88,7 +101,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float
             t0 = time.perf_counter()
             jax.block_until_ready(fns[name]())
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()} | {"reps": reps}
 
 
 def bench_grad(shapes: list[tuple[str, tuple[int, ...], int]], reps: int) -> list[dict[str, Any]]:
@@ -99,11 +112,11 @@ def bench_grad(shapes: list[tuple[str, tuple[int, ...], int]], reps: int) -> lis
         autodiff = jax.jit(jax.grad(lambda k, s=stride: plain_penalty(k, s)))
         np.testing.assert_allclose(closed(kernel), autodiff(kernel), rtol=1e-3, atol=1e-3)
         t = interleaved(
-            {"closed": lambda: closed(kernel), "autodiff": lambda: autodiff(kernel)}, reps
+            {"closed": partial(closed, kernel), "autodiff": partial(autodiff, kernel)}, reps
         )
         rows.append(
             {"shape": name, "closed_ms": 1e3 * t["closed"], "autodiff_ms": 1e3 * t["autodiff"],
-             "ratio": t["autodiff"] / t["closed"]}
+             "ratio": t["autodiff"] / t["closed"], "reps": t["reps"]}
         )  # fmt: skip
     return rows
 
@@ -170,7 +183,8 @@ def bench_step(reps: int) -> dict[str, float]:
     for name, (step, tx) in make_steps().items():
         state = tx.init(params)
         fns[name] = lambda step=step, state=state: step(params, state, x, y)
-    return {name: 1e3 * t for name, t in interleaved(fns, reps).items()}
+    times = interleaved(fns, reps)
+    return {name: 1e3 * times[name] for name in fns}
 
 
 # --------------------------------------------------------------------------- report
@@ -208,10 +222,16 @@ def main() -> None:
     text = table(grad_rows, step)
     if not args.markdown:
         print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']}, "
-              f"backend {machine['backend']}, reps {reps}")  # fmt: skip
+              f"backend {machine['backend']}, reps {reps}, load {os.getloadavg()}")  # fmt: skip
     print(text)
     if args.json:
-        record = {"machine": machine, "reps": reps, "grad": grad_rows, "step_ms": step}
+        record = {
+            "machine": machine,
+            "load_average": os.getloadavg(),
+            "reps": reps,
+            "grad": grad_rows,
+            "step_ms": step,
+        }
         args.json.write_text(json.dumps(record, indent=2))
 
 

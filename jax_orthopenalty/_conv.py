@@ -1,32 +1,29 @@
 r"""The orthogonality penalty of a convolution *operator*, and its exact spectrum.
 
 A conv (cross-correlation, as :func:`jax.lax.conv_general_dilated` computes it)
-:math:`y[m, p] = \sum_c \sum_u K[m, c, u]\, x[c, S p + u]` is first reduced to
-stride 1 by space-to-depth: :math:`K'[m, (c, r), v] = K[m, c, S v + r]`, with
-:math:`r \in \{0..S-1\}^d`, :math:`v \in \{0..k'-1\}^d`, :math:`k' = \lceil k/S\rceil`
-(zero where :math:`S v + r \ge k`). The rows residual is the autocorrelation
+:math:`y[m, p] = \sum_c \sum_u K[m, c, u]\, x[c, S p + u]` is reduced to stride 1 by
+space-to-depth: :math:`K'[m, (c, r), v] = K[m, c, S v + r]`, :math:`r \in \{0..S-1\}^d`,
+:math:`v \in \{0..k'-1\}^d`, :math:`k' = \lceil k/S\rceil` (zero where
+:math:`S v + r \ge k`). The rows residual, the penalty and its gradient (by the
+symmetry :math:`X[m, m', \delta] = X[m', m, -\delta]`, one more correlation) are
 
 .. math::
 
-    X[m, m', \delta] = \sum_{c'} \sum_v K'[m, c', v]\, K'[m', c', v + \delta]
-    - [m = m'][\delta = 0], \qquad \delta \in \{-(k'-1) .. k'-1\}^d,
-
-(the columns residual swaps the roles of the two channel axes), the penalty is
-:math:`L = \beta \sum f(X)`, and by the symmetry
-:math:`X[m, m', \delta] = X[m', m, -\delta]` its gradient is one more correlation:
-
-.. math::
+    X[m, m', \delta] = \sum_{c', v} K'[m, c', v]\, K'[m', c', v + \delta]
+    - [m = m'][\delta = 0], \qquad L = \beta \sum f(X),
 
     \frac{\partial L}{\partial K'[a, c, w]}
     = \beta \sum_{m', \delta} (F + \tilde F)[a, m', \delta]\, K'[m', c, w + \delta],
-    \qquad F = f'(X),\quad \tilde F[a, m', \delta] = F[m', a, -\delta].
+    \quad F = f'(X),\ \tilde F[a, m', \delta] = F[m', a, -\delta];
 
-Dilation zero-inserts the kernel and groups, like leading stack axes, are
-independent operators; these rearrangements (pad, reshape, transpose) stay outside
-the custom_vjp, and autodiff carries the gradient back through them. Internally
-every operator set is an array ``(L, G, R, Q, *k')``: ``L`` the flattened stack axes,
-``G`` the groups, ``R`` the channels of the Gram (rows: out, columns: in) and ``Q``
-the contracted ones.
+the columns residual swaps the two channel axes. The rows X is formed from the kernel
+itself, correlated with itself at stride :math:`S` (OCNN's
+:math:`\mathrm{Conv}(K, K, S)`, without the zero taps of :math:`K'`); the columns case
+needs :math:`K'`. Dilation zero-inserts the kernel; groups and leading stack axes are
+independent operators. These rearrangements (:func:`._conv_layout.arrange`) stay
+outside the custom_vjp, and autodiff carries the gradient back through them. Inside,
+operators are arrays ``(L, G, R, Q, *k)``: ``L`` the flattened stack axes, ``G`` the
+groups, ``R`` the channels of the Gram and ``Q`` the contracted ones.
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ._conv_layout import ConvLayout, make_conv_layout
+from ._conv_layout import ConvLayout, arrange, check_kernel_array, make_conv_layout
 from ._layout import DEFAULT_PRECISION, _check_derivative, accumulation_dtype, check_beta
 from ._matrix_norms import max_or_nan
 from ._penalty import _same_varying_axes
@@ -62,32 +59,6 @@ Stride = int | Sequence[int]
 # --------------------------------------------------------------------------- layout
 
 
-def _arrange(kernel: jax.Array, layout: ConvLayout, polyphase: bool, swap: bool) -> jax.Array:
-    """The operators ``(L, G, R, Q, *k)`` of a kernel: differentiable.
-
-    Transpose to ``(*lead, O, I, *k)``, split ``O`` into its groups, zero-insert for
-    dilation; with ``polyphase``, space-to-depth for the stride (``Q = C S^d / G``,
-    ``k' = ceil(k / S)`` taps); with ``swap``, exchange the two channel axes so that
-    ``R`` is the axis of the Gram (the columns case).
-    """
-    k = jnp.transpose(kernel, layout.canonical_order)
-    d, g, s = layout.spatial_ndim, layout.feature_group_count, layout.stride
-    lead = k.shape[: layout.lead]
-    m, cg = k.shape[layout.lead] // g, k.shape[layout.lead + 1]
-    k = k.reshape((math.prod(lead), g, m, cg, *k.shape[layout.lead + 2 :]))
-    zero = jnp.zeros((), k.dtype)
-    if any(dl > 1 for dl in layout.dilation):
-        k = jax.lax.pad(k, zero, [(0, 0, 0)] * 4 + [(0, 0, dl - 1) for dl in layout.dilation])
-    kp = layout.reduced_size(kernel.shape)
-    if polyphase and any(st > 1 for st in s):
-        high = [r * st - n for r, st, n in zip(kp, s, k.shape[4:], strict=True)]
-        k = jax.lax.pad(k, zero, [(0, 0, 0)] * 4 + [(0, h, 0) for h in high])
-        k = k.reshape((*k.shape[:4], *(x for r, st in zip(kp, s, strict=True) for x in (r, st))))
-        perm = (0, 1, 2, 3, *(5 + 2 * i for i in range(d)), *(4 + 2 * i for i in range(d)))
-        k = jnp.transpose(k, perm).reshape((*k.shape[:3], cg * layout.phases, *kp))
-    return jnp.swapaxes(k, 2, 3) if swap else k
-
-
 def _operators(
     kernel: jax.Array, layout: ConvLayout
 ) -> tuple[Callable[[jax.Array], jax.Array], tuple[int, ...]]:
@@ -97,12 +68,9 @@ def _operators(
     ``Conv(K, K, S)``, no zero taps from space-to-depth). Columns: the polyphase
     kernel with its channel axes swapped, at stride 1.
     """
-    if layout.rows(kernel.shape):
-        return functools.partial(
-            _arrange, layout=layout, polyphase=False, swap=False
-        ), layout.stride
-    arrange = functools.partial(_arrange, layout=layout, polyphase=True, swap=True)
-    return arrange, (1,) * layout.spatial_ndim
+    rows = layout.rows(kernel.shape)
+    fn = functools.partial(arrange, layout=layout, polyphase=not rows, swap=not rows)
+    return fn, layout.stride if rows else (1,) * layout.spatial_ndim
 
 
 def _over_operators(fn: Callable[..., Any], *arrays: jax.Array) -> Any:
@@ -204,10 +172,6 @@ def _residual(a: jax.Array, stride: tuple[int, ...], precision: Any) -> jax.Arra
     return x.at[(slice(None),) * 4 + centre].add(-eye)
 
 
-def _operator_axes(x: jax.Array) -> tuple[int, ...]:
-    return tuple(range(2, x.ndim))
-
-
 def _derivative(rule: Rule, x: jax.Array) -> jax.Array:
     """F = f'(X), NaN for every operator whose X has a non-finite entry.
 
@@ -216,7 +180,7 @@ def _derivative(rule: Rule, x: jax.Array) -> jax.Array:
     gradient is NaN instead, never finite and wrong.
     """
     f = rule.derivative(x).astype(x.dtype)
-    finite = jnp.all(jnp.isfinite(x), axis=_operator_axes(x), keepdims=True)
+    finite = jnp.all(jnp.isfinite(x), axis=tuple(range(2, x.ndim)), keepdims=True)
     return jnp.where(finite, f, jnp.nan)
 
 
@@ -234,7 +198,7 @@ def _pullback(
 
 def _error(x: jax.Array, layout: ConvLayout, kernel_shape: Sequence[int]) -> jax.Array:
     """max |X| per operator, NaN for an operator with NaN, shaped ``operator_shape``."""
-    e = max_or_nan(jnp.abs(x), axis=_operator_axes(x))
+    e = max_or_nan(jnp.abs(x), axis=tuple(range(2, x.ndim)))
     return e.reshape(layout.operator_shape(kernel_shape))
 
 
@@ -301,26 +265,11 @@ _penalty.defvjp(_penalty_fwd, _penalty_bwd)
 # --------------------------------------------------------------------------- checks
 
 
-def _check_kernel(kernel: ArrayLike) -> jax.Array:
-    if not hasattr(kernel, "dtype"):
-        kernel = jnp.asarray(kernel, dtype=float)
-    dtype = jnp.dtype(kernel.dtype)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        raise TypeError(
-            f"`kernel` has the complex dtype {dtype}: complex kernels are not supported for "
-            "the conv operator penalty (use a real floating kernel)."
-        )
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"`kernel` must have a real floating dtype (float16, bfloat16, float32, "
-            f"float64), got {dtype}."
-        )
-    return jnp.asarray(kernel)
-
-
-def _prepare_layout(kernel: ArrayLike, **options: Any) -> tuple[jax.Array, ConvLayout]:
-    k = _check_kernel(kernel)
-    layout = make_conv_layout(k.ndim, **options)
+def _prepare_layout(kernel: ArrayLike, geometry: tuple[Any, ...]) -> tuple[jax.Array, ConvLayout]:
+    """The kernel as an array and its validated layout, from ``(kernel_layout, stride,
+    dilation, feature_group_count)``."""
+    k = check_kernel_array(kernel)
+    layout = make_conv_layout(k.ndim, *geometry)
     layout.check_kernel(k.shape)
     return k, layout
 
@@ -339,26 +288,18 @@ def check_conv_rule(norm: Norm, subgradient: Subgradient) -> Rule:
 def _prepare(
     kernel: ArrayLike,
     beta: ArrayLike,
+    geometry: tuple[Any, ...],
     norm: Norm,
     subgradient: Subgradient,
     precision: Any,
-    **options: Any,
 ) -> tuple[jax.Array, ConvLayout, _Options, jax.Array]:
-    k, layout = _prepare_layout(kernel, **options)
+    """Every check, at trace time: the kernel, its layout, the rule and ``beta``."""
+    k, layout = _prepare_layout(kernel, geometry)
     rule = check_conv_rule(norm, subgradient)
     acc = accumulation_dtype(k.dtype)
     if not isinstance(norm, str) or norm == "l1":
-        _check_derivative(rule.derivative, subgradient, _residual_shape(layout, k.shape), acc)
+        _check_derivative(rule.derivative, subgradient, layout.residual_shape(k.shape), acc)
     return k, layout, _Options(rule, precision), check_beta(beta, acc)
-
-
-def _residual_shape(layout: ConvLayout, kernel_shape: Sequence[int]) -> tuple[int, ...]:
-    lead = kernel_shape[: layout.lead]
-    n = math.prod(lead) if all(isinstance(x, int) for x in lead) else 1
-    m, c = layout.channels(kernel_shape)
-    r = min(m, c)
-    shifts = tuple(2 * w - 1 for w in layout.reduced_size(kernel_shape))
-    return (n, layout.feature_group_count, r, r, *shifts)
 
 
 # --------------------------------------------------------------------------- internal API
@@ -475,17 +416,8 @@ def conv_orthogonality_penalty(
       CVPR 2020. Achour, Malgouyres and Mamalet, *Existence, stability and
       scalability of orthogonal convolutional neural networks*, JMLR 2022.
     """
-    k, layout, opts, beta_arr = _prepare(
-        kernel,
-        beta,
-        norm,
-        subgradient,
-        precision,
-        kernel_layout=kernel_layout,
-        stride=stride,
-        dilation=dilation,
-        feature_group_count=feature_group_count,
-    )
+    geometry = (kernel_layout, stride, dilation, feature_group_count)
+    k, layout, opts, beta_arr = _prepare(kernel, beta, geometry, norm, subgradient, precision)
     arrange, stride = _operators(k, layout)
     a = arrange(k.astype(accumulation_dtype(k.dtype)))
     opts = dataclasses.replace(opts, stride=stride)
@@ -541,17 +473,8 @@ def conv_orthogonality_penalty_grad(
       >>> jop.conv_orthogonality_penalty_grad(k, kernel_layout="WIO")[:, :, 0]  # 2 K sign(X)
       Array([[4., 0.]], dtype=float32)
     """
-    k, layout, opts, beta_arr = _prepare(
-        kernel,
-        beta,
-        norm,
-        subgradient,
-        precision,
-        kernel_layout=kernel_layout,
-        stride=stride,
-        dilation=dilation,
-        feature_group_count=feature_group_count,
-    )
+    geometry = (kernel_layout, stride, dilation, feature_group_count)
+    k, layout, opts, beta_arr = _prepare(kernel, beta, geometry, norm, subgradient, precision)
     acc = accumulation_dtype(k.dtype)
     return conv_pull(k, beta_arr.astype(acc), layout, opts.rule, opts.precision)[0]
 
@@ -600,39 +523,8 @@ def conv_orthogonality_error(
       >>> jop.conv_orthogonality_error(k.at[0, 0].set(0.5 * jnp.eye(2)))  # shifts overlap
       Array(0.5, dtype=float32)
     """
-    k, layout = _prepare_layout(
-        kernel,
-        kernel_layout=kernel_layout,
-        stride=stride,
-        dilation=dilation,
-        feature_group_count=feature_group_count,
-    )
+    k, layout = _prepare_layout(kernel, (kernel_layout, stride, dilation, feature_group_count))
     return conv_error(k, layout, precision)
-
-
-def _check_input_shape(
-    input_shape: object, layout: ConvLayout, kernel_shape: Any
-) -> tuple[int, ...]:
-    d = layout.spatial_ndim
-    if not isinstance(input_shape, (tuple, list)) or len(input_shape) != d:
-        raise ValueError(
-            f"`input_shape` must be a tuple of {d} ints (one per spatial axis of "
-            f"{layout.kernel_layout!r}), got {input_shape!r}."
-        )
-    if not all(isinstance(n, int) and not isinstance(n, bool) for n in input_shape):
-        raise ValueError(f"`input_shape` must hold Python ints, got {input_shape!r}.")
-    shape = tuple(input_shape)
-    if any(n % s for n, s in zip(shape, layout.stride, strict=True)):
-        raise ValueError(
-            f"`input_shape`={shape} must be divisible by the stride {layout.stride} (a "
-            "circular input of a strided conv)."
-        )
-    size = layout.dilated_size(kernel_shape)
-    if any(n < w for n, w in zip(shape, size, strict=True)):
-        raise ValueError(
-            f"`input_shape`={shape} must be at least the (dilated) kernel size {size}."
-        )
-    return shape
 
 
 def conv_singular_values(
@@ -693,15 +585,9 @@ def conv_singular_values(
     References:
       Sedghi, Gupta and Long, *The Singular Values of Convolutional Layers*, ICLR 2019.
     """
-    k, layout = _prepare_layout(
-        kernel,
-        kernel_layout=kernel_layout,
-        stride=stride,
-        dilation=dilation,
-        feature_group_count=feature_group_count,
-    )
-    shape = _check_input_shape(input_shape, layout, k.shape)
-    a = _arrange(k.astype(accumulation_dtype(k.dtype)), layout, polyphase=True, swap=False)
+    k, layout = _prepare_layout(kernel, (kernel_layout, stride, dilation, feature_group_count))
+    shape = layout.check_input_shape(input_shape, k.shape)
+    a = arrange(k.astype(accumulation_dtype(k.dtype)), layout, polyphase=True, swap=False)
     n = tuple(x // s for x, s in zip(shape, layout.stride, strict=True))
     a = jnp.pad(a, [(0, 0)] * 4 + [(0, x - w) for x, w in zip(n, a.shape[4:], strict=True)])
     d = layout.spatial_ndim

@@ -5,8 +5,8 @@ flax, ``"OIHW"`` for equinox and torch) has one axis ``O`` of out channels :math
 one axis ``I`` of in channels :math:`C / G` (``G = feature_group_count``) and
 :math:`d \ge 1` spatial axes, in the order the string names them. Extra *leading*
 axes beyond the string (a stack of layers from ``nn.scan``) are independent
-operators. Everything here runs at trace time on shapes and Python values; it
-imports nothing from the rest of the package.
+operators. Everything here but :func:`arrange` runs at trace time on shapes and
+Python values; it imports nothing from the rest of the package.
 
 The operator penalty reduces a stride-:math:`S` conv to a stride-1 one by
 space-to-depth: with the dilated kernel size :math:`k` per spatial axis, the
@@ -22,9 +22,12 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
-__all__ = ["ConvLayout", "make_conv_layout"]
+__all__ = ["ConvLayout", "arrange", "check_kernel_array", "make_conv_layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +105,39 @@ class ConvLayout:
         """The shape of per-operator arrays: the leading axes, then ``(G,)`` if G > 1."""
         lead = tuple(kernel_shape[: self.lead])
         return lead + ((self.feature_group_count,) if self.feature_group_count > 1 else ())
+
+    def check_input_shape(
+        self, input_shape: object, kernel_shape: Sequence[int]
+    ) -> tuple[int, ...]:
+        """A circular input's spatial shape, checked against the stride and the kernel."""
+        d = self.spatial_ndim
+        if not isinstance(input_shape, (tuple, list)) or len(input_shape) != d:
+            raise ValueError(
+                f"`input_shape` must be a tuple of {d} ints (one per spatial axis of "
+                f"{self.kernel_layout!r}), got {input_shape!r}."
+            )
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in input_shape):
+            raise ValueError(f"`input_shape` must hold Python ints, got {input_shape!r}.")
+        shape = tuple(input_shape)
+        if any(n % s for n, s in zip(shape, self.stride, strict=True)):
+            raise ValueError(
+                f"`input_shape`={shape} must be divisible by the stride {self.stride} (a "
+                "circular input of a strided conv)."
+            )
+        size = self.dilated_size(kernel_shape)
+        if any(n < w for n, w in zip(shape, size, strict=True)):
+            raise ValueError(
+                f"`input_shape`={shape} must be at least the (dilated) kernel size {size}."
+            )
+        return shape
+
+    def residual_shape(self, kernel_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of the residual X: ``(L, G, R, R, *(2k'-1))`` (L = 1 if symbolic)."""
+        lead = kernel_shape[: self.lead]
+        n = math.prod(lead) if all(isinstance(x, int) for x in lead) else 1
+        r = min(self.channels(kernel_shape))
+        shifts = tuple(2 * w - 1 for w in self.reduced_size(kernel_shape))
+        return (n, self.feature_group_count, r, r, *shifts)
 
     def check_kernel(self, kernel_shape: Sequence[int]) -> None:
         """Checks a kernel's shape against the layout (rank, group divisibility, sizes)."""
@@ -206,3 +242,47 @@ def make_conv_layout(
         dilation=_check_per_axis("dilation", dilation, d),
         feature_group_count=int(g),
     )
+
+
+def arrange(kernel: jax.Array, layout: ConvLayout, polyphase: bool, swap: bool) -> jax.Array:
+    """The operators ``(L, G, R, Q, *k)`` of a kernel: differentiable.
+
+    Transpose to ``(*lead, O, I, *k)``, split ``O`` into its groups, zero-insert for
+    dilation; with ``polyphase``, space-to-depth for the stride (``Q = C S^d / G``,
+    ``k' = ceil(k / S)`` taps); with ``swap``, exchange the two channel axes so that
+    ``R`` is the axis of the Gram (the columns case).
+    """
+    k = jnp.transpose(kernel, layout.canonical_order)
+    d, g, s = layout.spatial_ndim, layout.feature_group_count, layout.stride
+    lead = k.shape[: layout.lead]
+    m, cg = k.shape[layout.lead] // g, k.shape[layout.lead + 1]
+    k = k.reshape((math.prod(lead), g, m, cg, *k.shape[layout.lead + 2 :]))
+    zero = jnp.zeros((), k.dtype)
+    if any(dl > 1 for dl in layout.dilation):
+        k = jax.lax.pad(k, zero, [(0, 0, 0)] * 4 + [(0, 0, dl - 1) for dl in layout.dilation])
+    kp = layout.reduced_size(kernel.shape)
+    if polyphase and any(st > 1 for st in s):
+        high = [r * st - n for r, st, n in zip(kp, s, k.shape[4:], strict=True)]
+        k = jax.lax.pad(k, zero, [(0, 0, 0)] * 4 + [(0, h, 0) for h in high])
+        k = k.reshape((*k.shape[:4], *(x for r, st in zip(kp, s, strict=True) for x in (r, st))))
+        perm = (0, 1, 2, 3, *(5 + 2 * i for i in range(d)), *(4 + 2 * i for i in range(d)))
+        k = jnp.transpose(k, perm).reshape((*k.shape[:3], cg * layout.phases, *kp))
+    return jnp.swapaxes(k, 2, 3) if swap else k
+
+
+def check_kernel_array(kernel: ArrayLike) -> jax.Array:
+    """``kernel`` as an array of a real floating dtype (complex: not supported)."""
+    if not hasattr(kernel, "dtype"):
+        kernel = jnp.asarray(kernel, dtype=float)
+    dtype = jnp.dtype(kernel.dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"`kernel` has the complex dtype {dtype}: complex kernels are not supported for "
+            "the conv operator penalty (use a real floating kernel)."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"`kernel` must have a real floating dtype (float16, bfloat16, float32, "
+            f"float64), got {dtype}."
+        )
+    return jnp.asarray(kernel)

@@ -400,16 +400,18 @@ def test_nan_in_nan_out_per_operator() -> None:
 def test_beta_kinds(beta: Any) -> None:
     kernel = jnp.asarray(np.random.default_rng(8).normal(size=(3, 3, 2, 3)), jnp.float32)
     base = conv_orthogonality_penalty(kernel)
-    if isinstance(beta, str):
-        value = jax.jit(conv_orthogonality_penalty)(kernel, jnp.float32(2.0))
-        db = jax.jit(jax.grad(conv_orthogonality_penalty, argnums=1))(kernel, jnp.float32(2.0))
-    else:
-        value = _conv.conv_orthogonality_penalty(kernel, beta)
-        db = jax.grad(_conv.conv_orthogonality_penalty, argnums=1)(kernel, jnp.float32(beta))
-        grad = jax.grad(_conv.conv_orthogonality_penalty)(kernel, beta)
-        np.testing.assert_allclose(grad, 2 * conv_orthogonality_penalty_grad(kernel), rtol=1e-6)
+    if isinstance(beta, str):  # traced: an argument of the jitted function
+        beta = jnp.float32(2.0)
+        value_and_grads = jax.jit(jax.value_and_grad(_conv.conv_orthogonality_penalty, (0, 1)))
+        value, (grad, db) = value_and_grads(kernel, beta)
+    else:  # concrete: closed over, so the eager checks of `beta` see its value
+        value, grad = jax.jit(
+            jax.value_and_grad(lambda k: _conv.conv_orthogonality_penalty(k, beta))
+        )(kernel)
+        db = jax.jit(jax.grad(_conv.conv_orthogonality_penalty, 1))(kernel, jnp.float32(beta))
     np.testing.assert_allclose(value, 2 * base, rtol=1e-6)
     np.testing.assert_allclose(db, base, rtol=1e-6)
+    np.testing.assert_allclose(grad, 2 * conv_orthogonality_penalty_grad(kernel), rtol=1e-6)
 
 
 def test_bfloat16_kernel() -> None:

@@ -39,8 +39,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from ._conv_layout import ConvLayout, arrange, check_kernel_array, make_conv_layout
-from ._layout import DEFAULT_PRECISION, _check_derivative, accumulation_dtype, check_beta
-from ._matrix_norms import max_or_nan
+from ._layout import DEFAULT_PRECISION, accumulation_dtype, check_beta
+from ._matrix import max_or_nan
 from ._penalty import _same_varying_axes
 from ._rules import Norm, Rule, Subgradient, make_rule
 
@@ -296,9 +296,8 @@ def _prepare(
     """Every check, at trace time: the kernel, its layout, the rule and ``beta``."""
     k, layout = _prepare_layout(kernel, geometry)
     rule = check_conv_rule(norm, subgradient)
+    # A callable subgradient is checked by the rule where it is applied, on X.
     acc = accumulation_dtype(k.dtype)
-    if not isinstance(norm, str) or norm == "l1":
-        _check_derivative(rule.derivative, subgradient, layout.residual_shape(k.shape), acc)
     return k, layout, _Options(rule, precision), check_beta(beta, acc)
 
 

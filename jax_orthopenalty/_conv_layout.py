@@ -131,14 +131,6 @@ class ConvLayout:
             )
         return shape
 
-    def residual_shape(self, kernel_shape: Sequence[int]) -> tuple[int, ...]:
-        """The shape of the residual X: ``(L, G, R, R, *(2k'-1))`` (L = 1 if symbolic)."""
-        lead = kernel_shape[: self.lead]
-        n = math.prod(lead) if all(isinstance(x, int) for x in lead) else 1
-        r = min(self.channels(kernel_shape))
-        shifts = tuple(2 * w - 1 for w in self.reduced_size(kernel_shape))
-        return (n, self.feature_group_count, r, r, *shifts)
-
     def check_kernel(self, kernel_shape: Sequence[int]) -> None:
         """Checks a kernel's shape against the layout (rank, group divisibility, sizes)."""
         if len(kernel_shape) != self.ndim:

@@ -3,6 +3,10 @@
 See :func:`orthogonality_penalty` for the math.
 """
 
+from ._conv import conv_orthogonality_error as conv_orthogonality_error
+from ._conv import conv_orthogonality_penalty as conv_orthogonality_penalty
+from ._conv import conv_orthogonality_penalty_grad as conv_orthogonality_penalty_grad
+from ._conv import conv_singular_values as conv_singular_values
 from ._frameworks import dimension_numbers_for as dimension_numbers_for
 from ._manifold import LandingState as LandingState
 from ._manifold import landing as landing
@@ -15,6 +19,7 @@ from ._rules import Subgradient as Subgradient
 from ._rules import deadzone as deadzone
 from ._rules import huber as huber
 from ._rules import spectral as spectral
+from ._select import ConvDims as ConvDims
 from ._select import OrthoDims as OrthoDims
 from ._summary import summary as summary
 from ._transform import AddOrthogonalityPenaltyState as AddOrthogonalityPenaltyState
@@ -25,11 +30,16 @@ __version__ = "0.4.0"
 
 __all__ = [
     "AddOrthogonalityPenaltyState",
+    "ConvDims",
     "LandingState",
     "Norm",
     "OrthoDims",
     "Subgradient",
     "add_orthogonality_penalty",
+    "conv_orthogonality_error",
+    "conv_orthogonality_penalty",
+    "conv_orthogonality_penalty_grad",
+    "conv_singular_values",
     "deadzone",
     "dimension_numbers_for",
     "huber",

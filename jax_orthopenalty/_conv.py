@@ -36,12 +36,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
+from ._contract import explicit_sharding
 from ._conv_layout import ConvLayout, arrange, check_kernel_array, make_conv_layout
 from ._layout import DEFAULT_PRECISION, accumulation_dtype, check_beta
 from ._matrix import max_or_nan
-from ._penalty import _same_varying_axes
+from ._penalty import same_varying_axes
 from ._rules import Norm, Rule, Subgradient, make_rule
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "conv_orthogonality_error",
     "conv_orthogonality_penalty",
     "conv_orthogonality_penalty_grad",
+    "conv_penalty",
     "conv_pull",
     "conv_singular_values",
 ]
@@ -304,6 +307,20 @@ def _prepare(
 # --------------------------------------------------------------------------- internal API
 
 
+def _whole(kernel: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """On an Explicit mesh (``jax.set_mesh``), the kernel replicated, and a function that
+    gives a kernel-shaped result the kernel's sharding back; elsewhere both are the
+    identity. The operator's autocorrelation mixes every channel and tap, and a conv
+    kernel is small: one all-gather of it, where XLA's partitioner inserts the same on
+    an Auto mesh."""
+    sharding = explicit_sharding(kernel)
+    if sharding is None:
+        return kernel, lambda y: y
+    whole = NamedSharding(sharding.mesh, PartitionSpec())  # type: ignore[no-untyped-call]
+    back = functools.partial(jax.sharding.reshard, out_shardings=sharding)
+    return jax.sharding.reshard(kernel, whole), back  # type: ignore[no-untyped-call]
+
+
 def conv_pull(
     kernel: jax.Array, scale: ArrayLike, layout: ConvLayout, rule: Rule, precision: Any
 ) -> tuple[jax.Array, jax.Array]:
@@ -317,19 +334,32 @@ def conv_pull(
     """
     if rule.per_group:
         raise ValueError("`rule` must be entrywise: the per-group norms are not supported.")
-    kernel = jnp.asarray(kernel)
+    kernel, back = _whole(jnp.asarray(kernel))
     acc = accumulation_dtype(kernel.dtype)
     arrange, stride = _operators(kernel, layout)
     a, pull = jax.vjp(arrange, kernel.astype(acc))
     x = _residual(a, stride, precision)
     s = _operator_scale(scale, layout, kernel.shape, acc)
     (grad,) = pull(_pullback(a, _derivative(rule, x), s, stride, precision))
-    return grad.astype(kernel.dtype), _error(x, layout, kernel.shape)
+    return back(grad.astype(kernel.dtype)), _error(x, layout, kernel.shape)
+
+
+def conv_penalty(
+    kernel: jax.Array, beta: ArrayLike, layout: ConvLayout, rule: Rule, precision: Any
+) -> jax.Array:
+    """The penalty (the custom_vjp) of a checked kernel in a validated layout."""
+    acc = accumulation_dtype(kernel.dtype)
+    beta_arr = check_beta(beta, acc)
+    kernel = _whole(kernel)[0]  # autodiff gives its gradient the kernel's sharding back
+    arrange, stride = _operators(kernel, layout)
+    opts = _Options(rule, precision, stride)
+    value = _penalty(opts, *same_varying_axes(arrange(kernel.astype(acc)), beta_arr))
+    return value.astype(kernel.dtype)
 
 
 def conv_error(kernel: jax.Array, layout: ConvLayout, precision: Any) -> jax.Array:
     """max |X| per operator, of ``layout.operator_shape(kernel.shape)`` (for metrics)."""
-    kernel = jnp.asarray(kernel)
+    kernel = _whole(jnp.asarray(kernel))[0]
     arrange, stride = _operators(kernel, layout)
     a = arrange(kernel.astype(accumulation_dtype(kernel.dtype)))
     return _error(_residual(a, stride, precision), layout, kernel.shape)
@@ -417,11 +447,7 @@ def conv_orthogonality_penalty(
     """
     geometry = (kernel_layout, stride, dilation, feature_group_count)
     k, layout, opts, beta_arr = _prepare(kernel, beta, geometry, norm, subgradient, precision)
-    arrange, stride = _operators(k, layout)
-    a = arrange(k.astype(accumulation_dtype(k.dtype)))
-    opts = dataclasses.replace(opts, stride=stride)
-    value = _penalty(opts, *_same_varying_axes(a, beta_arr))
-    return value.astype(k.dtype)
+    return conv_penalty(k, beta_arr, layout, opts.rule, precision)
 
 
 def conv_orthogonality_penalty_grad(

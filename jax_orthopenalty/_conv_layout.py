@@ -101,6 +101,10 @@ class ConvLayout:
         m, c = self.channels(kernel_shape)
         return m <= c
 
+    def group_shape(self, kernel_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of per-group arrays (the operators), as :meth:`Layout.group_shape`."""
+        return self.operator_shape(kernel_shape)
+
     def operator_shape(self, kernel_shape: Sequence[int]) -> tuple[int, ...]:
         """The shape of per-operator arrays: the leading axes, then ``(G,)`` if G > 1."""
         lead = tuple(kernel_shape[: self.lead])

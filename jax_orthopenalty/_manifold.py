@@ -94,8 +94,15 @@ jax.export.register_namedtuple_serialization(
 # --------------------------------------------------------------------------- per leaf
 
 
-def _check_group(phi: jax.Array, updates: jax.Array, layout: Layout) -> None:
+def _check_group(phi: jax.Array, updates: jax.Array, layout: Any) -> None:
     """A leaf whose groups can have orthonormal columns (n <= l), and its updates."""
+    if not isinstance(layout, Layout):
+        raise TypeError(
+            "a ConvDims leaf is a convolution operator: landing and project_orthonormal "
+            "keep each group's matrix orthonormal, not an operator. Give the leaf an "
+            "OrthoDims (its flattened kernel) or None, or constrain the operator with "
+            "add_orthogonality_penalty(..., dimension_numbers=...ConvDims...)."
+        )
     _, l, n = layout.sizes(phi.shape)
     # With symbolic sizes (jax.export) n <= l cannot be decided at trace time: the
     # comparison would be inconclusive. The math runs either way; only a concrete

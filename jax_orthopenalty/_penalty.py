@@ -47,6 +47,7 @@ __all__ = [
     "orthogonality_penalty_grad",
     "penalty",
     "penalty_grad",
+    "same_varying_axes",
 ]
 
 
@@ -87,7 +88,7 @@ def penalty(phi: jax.Array, beta: ArrayLike, layout: Layout, options: Options) -
     """The penalty of a checked ``phi`` in a validated ``layout`` (one column axis)."""
     spec = make_spec(phi, layout, options)
     beta_arr = check_beta(beta, real_dtype(accumulation_dtype(phi.dtype)))
-    return _penalty(spec, *_same_varying_axes(phi, beta_arr))
+    return _penalty(spec, *same_varying_axes(phi, beta_arr))
 
 
 def penalty_grad(phi: jax.Array, beta: ArrayLike, layout: Layout, options: Options) -> jax.Array:
@@ -129,7 +130,7 @@ def _varying_axes(x: jax.Array) -> frozenset[Any]:
     return frozenset(axes)
 
 
-def _same_varying_axes(phi: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:
+def same_varying_axes(phi: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``phi`` and ``beta`` cast to vary over the same manual (``shard_map``) mesh axes.
 
     Inside ``shard_map`` the penalty of a sharded ``phi`` is a per-shard value, varying

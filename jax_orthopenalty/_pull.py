@@ -1,8 +1,11 @@
-r"""One leaf's pull, and when to apply it: shared by the soft penalty and the constraint.
+r"""One leaf's penalty, pull and error, matrix or conv; and when to apply the pull.
 
 :func:`pull` is the closed-form gradient of one selected leaf scaled by :math:`\beta`
 (a scalar, or one number per group), together with each group's error
-:math:`\max_{jk} |X_i|_{jk}` from the same Gram matrix. :func:`check_every`,
+:math:`\max_{jk} |X_i|_{jk}` from the same Gram matrix; :func:`value` and :func:`error`
+are the leaf's penalty and error. Each takes the layout the selection validated: a
+:class:`~._layout.Layout` (the matrix penalty) or a :class:`~._conv_layout.ConvLayout`
+(the conv operator's, whose groups are its operators). :func:`check_every`,
 :func:`times` and :func:`lazily` implement ``every=k`` (lazy regularisation): the steps
 with count 0, k, 2k, ... add :math:`k` times the pull, the others form no Gram matrix.
 """
@@ -16,26 +19,68 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _penalty
+from ._conv import conv_error, conv_penalty, conv_pull
+from ._conv_layout import ConvLayout
 from ._family import backward, forward
 from ._layout import Layout
 from ._options import Options, make_spec
 
-__all__ = ["check_every", "lazily", "pull", "times"]
+__all__ = ["check_every", "error", "lazily", "pull", "times", "value"]
+
+AnyLayout = Layout | ConvLayout
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def pull(
-    phi: jax.Array, scale: jax.Array, layout: Layout, options: Options
+    phi: jax.Array, scale: jax.Array, layout: AnyLayout, options: Options
 ) -> tuple[jax.Array, jax.Array]:
     """``(scale * dL/dphi, error per group)`` of a checked leaf, from one Gram matrix.
 
     ``scale`` is a real scalar or a ``(groups...)`` array: one :math:`\beta_i` per group.
     """
+    if isinstance(layout, ConvLayout):
+        _check_conv(options)
+        return conv_pull(phi, scale, layout, options.rule, options.precision)
     spec = make_spec(phi, layout, options)
     res = forward(spec, phi)
     grad = backward(spec, phi, res, scale.astype(res.total.dtype))
     return grad.astype(phi.dtype), res.error
+
+
+def value(phi: jax.Array, beta: Any, layout: AnyLayout, options: Options) -> jax.Array:
+    """The penalty of a checked leaf (the custom_vjp: its gradient is the closed form)."""
+    if isinstance(layout, ConvLayout):
+        _check_conv(options)
+        return conv_penalty(phi, beta, layout, options.rule, options.precision)
+    return _penalty.penalty(phi, beta, layout, options)
+
+
+def error(phi: jax.Array, layout: AnyLayout, options: Options) -> jax.Array:
+    """``max |X_jk|`` per group (per operator, for a conv kernel) of a checked leaf."""
+    if isinstance(layout, ConvLayout):
+        _check_conv(options)
+        return conv_error(phi, layout, options.precision)
+    return _penalty.error(phi, layout, options)
+
+
+def _check_conv(options: Options) -> None:
+    """A conv operator takes the entrywise norms, without the matrix family's options."""
+    if options.rule.per_group:
+        raise ValueError(
+            f"norm={options.rule.name} is a per-group matrix norm; a ConvDims leaf takes "
+            "the entrywise norms ('l1', 'squared', huber(delta))."
+        )
+    flags = [
+        name for name in ("off_diagonal", "normalize", "double_sided") if getattr(options, name)
+    ]
+    if flags:
+        raise ValueError(
+            f"{', '.join(f'`{f}=True`' for f in flags)}: an option of the matrix penalty, "
+            "not defined for a ConvDims leaf (the conv operator's penalty); give the leaf an "
+            "OrthoDims (its flattened kernel) or drop the option."
+        )
 
 
 def check_every(every: object) -> int | jax.Array:

@@ -29,10 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._conv_layout import ConvLayout, check_kernel_array, make_conv_layout
 from ._layout import Axes, ColumnAxis, VectorAxis, check_phi, make_axes
 
 __all__ = [
+    "ConvDims",
     "DimensionNumbers",
+    "Dims",
     "Leaf",
     "MaskOrFn",
     "OrthoDims",
@@ -90,6 +93,63 @@ class OrthoDims(NamedTuple):
         """The validated axes of a leaf of rank ``ndim``."""
         return make_axes(ndim, self.vector_axis, self.column_axis)
 
+    def checked(self, phi: Any) -> tuple[jax.Array, Axes]:
+        """The leaf as a floating array, and its validated axes."""
+        arr = check_phi(phi)
+        return arr, self.layout(arr.ndim)
+
+
+class ConvDims(NamedTuple):
+    r"""A conv kernel leaf penalised as the convolution *operator* it defines.
+
+    In ``dimension_numbers`` in place of an :class:`OrthoDims`: the leaf is a conv
+    kernel, and :func:`add_orthogonality_penalty`, :func:`tree_orthogonality_penalty`
+    and :func:`summary` take it as :func:`conv_orthogonality_penalty` does (rows,
+    :math:`\mathcal K\mathcal K^\top = I`, when the out channels are at most
+    :math:`C S^d`, else columns). :func:`dimension_numbers_for` with
+    ``conv="operator"`` gives one per conv kernel, with the module's own stride,
+    dilation and groups; the docs' *Convolutions* page says when to use it.
+    :func:`landing` and :func:`project_orthonormal` keep matrices orthonormal, not
+    operators: they raise for a ``ConvDims`` leaf, naming it.
+
+    Attributes:
+      kernel_layout: ``"HWIO"`` (flax), ``"OIHW"`` (equinox, torch), or any string of
+        one ``'O'``, one ``'I'`` and the spatial letters; extra leading axes of the
+        leaf (``nn.scan``) are stacked operators.
+      stride: the conv's stride, an int or one per spatial axis.
+      dilation: the kernel dilation, an int or one per spatial axis.
+      feature_group_count: the number of groups of a grouped conv.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_orthopenalty as jop
+      >>> params = {"conv": jnp.zeros((3, 3, 2, 2)).at[1, 1].set(2 * jnp.eye(2))}
+      >>> dims = {"conv": jop.ConvDims("HWIO", stride=1)}
+      >>> jop.tree_orthogonality_penalty(params, 1.0, dimension_numbers=dims)
+      Array(6., dtype=float32)
+    """
+
+    kernel_layout: str = "HWIO"
+    stride: int | tuple[int, ...] = 1
+    dilation: int | tuple[int, ...] = 1
+    feature_group_count: int = 1
+
+    def layout(self, ndim: int) -> ConvLayout:
+        """The validated conv layout of a kernel of rank ``ndim``."""
+        return make_conv_layout(
+            ndim, self.kernel_layout, self.stride, self.dilation, self.feature_group_count
+        )
+
+    def checked(self, phi: Any) -> tuple[jax.Array, ConvLayout]:
+        """The kernel as a floating array, and its validated conv layout."""
+        arr = check_kernel_array(phi)
+        layout = self.layout(arr.ndim)
+        layout.check_kernel(arr.shape)
+        return arr, layout
+
+
+Dims: TypeAlias = OrthoDims | ConvDims
+
 
 DimensionNumbers: TypeAlias = Any
 """``None``, a pytree of :class:`OrthoDims` or ``None`` (the structure of the params
@@ -124,7 +184,7 @@ def is_hole(x: object) -> bool:
 
 
 def _is_dims_leaf(x: object) -> bool:
-    return x is None or isinstance(x, OrthoDims)
+    return x is None or isinstance(x, (OrthoDims, ConvDims))
 
 
 def _is_mask_leaf(x: object) -> bool:
@@ -289,22 +349,23 @@ def shape_and_dtype(x: Any) -> tuple[tuple[int, ...], Any] | None:
     return None
 
 
-def _match(leaves: list[tuple[Path, Any]], dims: Any) -> list[OrthoDims | None]:
+def _match(leaves: list[tuple[Path, Any]], dims: Any) -> list[Dims | None]:
     """Gives each leaf the entry of ``dims`` at its path or at its nearest prefix.
 
     Linear in the number of leaves: one dictionary lookup per prefix of each path.
     """
-    by_path: dict[Path, OrthoDims | None] = {}
+    by_path: dict[Path, Dims | None] = {}
     for path, entry in jax.tree_util.tree_flatten_with_path(dims, is_leaf=_is_dims_leaf)[0]:
         if not _is_dims_leaf(entry):
             raise TypeError(
-                "`dimension_numbers` must give an OrthoDims or None for every leaf, got "
+                "`dimension_numbers` must give an OrthoDims, a ConvDims or None for every "
+                "leaf, got "
                 f"{entry!r} at {where(path)}."
             )
         by_path[path] = entry
     holes: set[Path] = set()
     used: set[Path] = set()
-    out: list[OrthoDims | None] = []
+    out: list[Dims | None] = []
     for path, x in leaves:
         if is_hole(x):
             holes.update(path[:k] for k in range(len(path) + 1))
@@ -313,9 +374,9 @@ def _match(leaves: list[tuple[Path, Any]], dims: Any) -> list[OrthoDims | None]:
         found = next((path[:k] for k in range(len(path) + 1) if path[:k] in by_path), None)
         if found is None:
             raise ValueError(
-                "`dimension_numbers` does not match the params: it has no OrthoDims or "
-                f"None for the leaf at {where(path)}. It must have the structure of the "
-                "params, or be a prefix of it."
+                "`dimension_numbers` does not match the params: it has no entry "
+                f"(OrthoDims, ConvDims or None) for the leaf at {where(path)}. It must have "
+                "the structure of the params, or be a prefix of it."
             )
         used.add(found)
         out.append(by_path[found])
@@ -336,7 +397,7 @@ class Leaf(NamedTuple):
 
     path: Path  # the key path, for error messages
     phi: Any  # the leaf (an array, or a hole: MaskedNode or None)
-    dims: OrthoDims | None  # its layout, or None: not selected
+    dims: Dims | None  # its layout, or None: not selected
 
 
 def select(params: Any, dimension_numbers: DimensionNumbers) -> tuple[Any, list[Leaf]]:
@@ -351,7 +412,9 @@ def select(params: Any, dimension_numbers: DimensionNumbers) -> tuple[Any, list[
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_hole)
     if dimension_numbers is None:
         # The default: every floating-point array of rank >= 2, in the default layout.
-        dims = [None if is_hole(x) or default_skip(x) else OrthoDims() for _, x in flat]
+        dims: list[Dims | None] = [
+            None if is_hole(x) or default_skip(x) else OrthoDims() for _, x in flat
+        ]
     else:
         given = (
             dimension_numbers(params)
@@ -483,7 +546,25 @@ def map_selected_with(
     return new_updates, treedef.unflatten(new_state)
 
 
-def _prepare(leaf: Leaf) -> tuple[jax.Array, Axes]:
+def _prepare(leaf: Leaf) -> tuple[jax.Array, Folding]:
+    """The leaf, checked, and how the kernels see it: an OrthoDims leaf with several
+    column axes is folded to one; a ConvDims leaf is passed as it is."""
     assert leaf.dims is not None
-    phi = check_phi(leaf.phi)
-    return phi, leaf.dims.layout(phi.ndim)
+    phi, layout = leaf.dims.checked(leaf.phi)
+    return phi, layout if isinstance(layout, Axes) else _Unfolded(layout)
+
+
+class _Unfolded(NamedTuple):
+    """A layout the kernels take as it is (a conv kernel's): no folding."""
+
+    inner: ConvLayout
+
+    def fold(self, x: jax.Array) -> jax.Array:
+        return x
+
+    def unfold(self, y: jax.Array, shape: Any) -> jax.Array:
+        del shape
+        return y
+
+
+Folding: TypeAlias = Axes | _Unfolded

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ._conv_layout import ConvLayout
 from ._layout import zero_parts
 from ._select import (
     DimensionNumbers,
@@ -56,11 +57,15 @@ def _selected(
     """The columns from "selected" on, for a leaf ``dims`` selects."""
     try:
         axes = dims.layout(len(shape))
+        if isinstance(axes, ConvLayout):
+            axes.check_kernel(shape)
     except (ValueError, TypeError) as e:
         return ("error", "", "", "", "", "", str(e))
     if not jnp.issubdtype(dtype, jnp.inexact):
         # What the transforms raise on it (check_phi): listed as an error, not selected.
         return ("error", "", "", "", "", "", f"dtype {dtype} is not floating")
+    if isinstance(axes, ConvLayout):
+        return _operator(shape, axes)
     columns = axes.column_axes
     groups = math.prod(s for a, s in enumerate(shape) if a not in (*axes.vector_axes, *columns))
     l = math.prod(shape[a] for a in axes.vector_axes)
@@ -74,6 +79,24 @@ def _selected(
         str(n),
         _notes(x, axes, len(shape), l, n, default),
     )
+
+
+def _operator(shape: tuple[int, ...], layout: ConvLayout) -> tuple[str, ...]:
+    """A ConvDims leaf: the operator view. l and n are the two sides of the condition
+    (rows: n = M/G out channels against l = C S^d per group; columns: the reverse)."""
+    m, c = layout.channels(shape)
+    rows = layout.rows(shape)
+    shifts = math.prod(2 * k - 1 for k in layout.reduced_size(shape))
+    stride = "x".join(map(str, layout.stride))
+    view = (
+        f"operator rows: M/G = {m} <= C S^d = {c}"
+        if rows
+        else f"operator columns: M/G = {m} > C S^d = {c}"
+    )
+    groups = math.prod(layout.operator_shape(shape))
+    l, n = (c, m) if rows else (m, c)
+    notes = f"{view}; {shifts} shift{'s' * (shifts != 1)}, stride {stride}"
+    return ("yes", layout.kernel_layout, "operator", str(groups), str(l), str(n), notes)
 
 
 def _row(path: Any, x: Any, masked: bool, dims: Any, default: bool) -> tuple[str, ...]:

@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from ._layout import DEFAULT_PRECISION, NORMALIZE_EPS, Layout, check_beta
+from ._layout import DEFAULT_PRECISION, NORMALIZE_EPS, check_beta
 from ._options import Options, make_options
-from ._penalty import penalty
-from ._pull import check_every, lazily, pull, times
+from ._pull import AnyLayout, check_every, lazily, pull, times, value
 from ._rules import Norm, Subgradient
 from ._select import (
     DimensionNumbers,
@@ -70,7 +69,7 @@ jax.export.register_namedtuple_serialization(
 
 
 def _add_pull(
-    scale: jax.Array, options: Options, phi: jax.Array, u: jax.Array, layout: Layout
+    scale: jax.Array, options: Options, phi: jax.Array, u: jax.Array, layout: AnyLayout
 ) -> jax.Array:
     """The kernel: ``u + scale * dL/dphi`` for one leaf."""
     return u + pull(phi, scale, layout, options)[0].astype(u.dtype)
@@ -279,9 +278,9 @@ def tree_orthogonality_penalty(
         normalize_eps=normalize_eps,
     )
     terms = [
-        value
-        for _, value in map_params(
-            lambda phi, layout: penalty(phi, beta, layout, options),
+        term
+        for _, term in map_params(
+            lambda phi, layout: value(phi, beta, layout, options),
             masked_view(params, mask),
             dimension_numbers,
         )

@@ -119,6 +119,32 @@ def _manifold(phi: jax.Array, beta: Any) -> jax.Array:
     return total
 
 
+def _as_kernels(phi: jax.Array) -> jax.Array:
+    # A layer's (l, m, n) = (4, 3, 2) as m stacked 1-D conv kernels "WIO" of 4 taps, 1 in
+    # and 2 out channels: the group axis (symbolic under export, sharded under set_mesh)
+    # is the kernels' stack axis, as for layers stacked by nn.scan.
+    return jnp.moveaxis(phi, 1, 0)[..., None, :]
+
+
+def _conv(phi: jax.Array, beta: Any) -> jax.Array:
+    # The conv operator's penalty (columns at stride 1: 2 out > 1 in) and its
+    # closed-form gradient at stride 2 (rows: 2 <= 1 * 2, the strided correlation).
+    kernels = _as_kernels(phi)
+    grad = jop.conv_orthogonality_penalty_grad(kernels, beta, kernel_layout="WIO", stride=2)
+    value = jop.conv_orthogonality_penalty(kernels, beta, kernel_layout="WIO")
+    return value + _dot(grad, _direction(kernels))
+
+
+def _conv_update(phi: jax.Array, beta: Any) -> jax.Array:
+    # ConvDims through the transform, and the tree penalty of the same leaf.
+    dims = {"k": jop.ConvDims("WIO", stride=(2,))}
+    tx = jop.add_orthogonality_penalty(beta, dimension_numbers=dims)
+    params = {"k": _as_kernels(phi)}
+    updates, _ = tx.update({"k": jnp.zeros_like(params["k"])}, tx.init(params), params)
+    tree = jop.tree_orthogonality_penalty(params, beta, dimension_numbers=dims)
+    return tree + _dot(updates["k"], _direction(params["k"]))
+
+
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     # Not jnp.vdot: it flattens, which a sharded axis (under set_mesh) does not allow.
     return jnp.sum(a * b)
@@ -138,6 +164,8 @@ ENTRY_POINTS: dict[str, Loss] = {
     "lazy_update": _lazy_update,
     "matrix_norms": _matrix_norms,
     "landing_project": _manifold,
+    "conv": _conv,
+    "conv_update": _conv_update,
 }
 
 
@@ -339,7 +367,14 @@ KINDS: dict[str, tuple[str, ...]] = {
 # slowest entries take a constant and a traced beta, to keep the suite short.
 ENTRY_KINDS: dict[str, tuple[str, ...]] = {
     entry: ("python_float", "traced")
-    for entry in ("lazy_update", "matrix_norms", "penalty_family", "landing_project")
+    for entry in (
+        "lazy_update",
+        "matrix_norms",
+        "penalty_family",
+        "landing_project",
+        "conv",
+        "conv_update",
+    )
 }
 
 

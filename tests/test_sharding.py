@@ -243,9 +243,7 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess
         check(
             f"{mode}-group-tree-penalty-grad",
             jax.grad(
-                lambda p, dims=dims: jop.tree_orthogonality_penalty(
-                    p, 0.1, dimension_numbers=dims
-                )
+                lambda p, dims=dims: jop.tree_orthogonality_penalty(p, 0.1, dimension_numbers=dims)
             ),
             (params,),
             (tree_sh,),

@@ -364,6 +364,8 @@ def compile_all(
         # (nnx's graph caches, jax's caches of the small jitted helpers).
         warm = jax.jit(make_step(prob.model, prob, optax.sgd(LEARNING_RATE)))
         warm.lower(params, states["sgd"], prob.batch).compile(compiler_options=options)
+    # Not _harness.interleaved_samples: one sample is two phases of a fresh compile
+    # (lower, then compile), each timed, in the same alternating order.
     for r in range(reps):
         for name in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
             step = make_step(prob.model, prob, optimizer(name, dims))

@@ -30,13 +30,10 @@ compiled with XLA's cheapest options (``QUICK_COMPILER_OPTIONS``); its numbers m
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +45,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax_orthopenalty as jop
-from benchmarks import _machine
+from benchmarks import _harness
 
 EVERY = (1, 4, 16)
 LEARNING_RATE = 1e-3
@@ -166,15 +163,12 @@ def run(steps: int, seeds: int, reps: int, quick: bool = False) -> dict[str, Any
                     "orthogonality_error": orthogonality(params),
                 }
             )
-    # The cost: the same runs timed, interleaved, in an order reversed every other rep.
+    # The cost: the same runs (compiled and run above: no warm-up) timed, interleaved.
     start, key = init(0), jax.random.key(0)
-    samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    for r in range(reps):
-        for name in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
-            begin = time.perf_counter()
-            jax.block_until_ready(runs[name](start, key))
-            samples[name].append((time.perf_counter() - begin) / steps)
-    seconds = {name: statistics.median(s) for name, s in samples.items()}
+    medians = _harness.interleaved_medians(
+        {name: lambda name=name: runs[name](start, key) for name in CONFIGS}, reps=reps, warmup=0
+    )
+    seconds = {name: t / steps for name, t in medians.items()}
     results = {}
     for name in CONFIGS:
         metrics = {
@@ -190,11 +184,16 @@ def run(steps: int, seeds: int, reps: int, quick: bool = False) -> dict[str, Any
 
 
 def markdown(results: dict[str, Any]) -> str:
-    rows = [
-        "| configuration | test loss | test accuracy | orthogonality error "
-        "| µs / step | step / adam | penalty's overhead / its overhead at every=1 |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+    header = [
+        "configuration",
+        "test loss",
+        "test accuracy",
+        "orthogonality error",
+        "µs / step",
+        "step / adam",
+        "penalty's overhead / its overhead at every=1",
     ]
+    rows = []
     for name in CONFIGS:
         r = results[name]
         extra = ""
@@ -202,21 +201,23 @@ def markdown(results: dict[str, Any]) -> str:
             first = results[name.split(" every=")[0] + " every=1"]["cost_over_adam"] - 1
             extra = f"{(r['cost_over_adam'] - 1) / first:.2f}" if first > 0 else ""
         rows.append(
-            f"| {name} | {r['test_loss']:.4f} | {r['test_accuracy']:.4f} "
-            f"| {r['orthogonality_error']:.4f} | {r['seconds_per_step'] * 1e6:.1f} "
-            f"| {r['cost_over_adam']:.2f} | {extra} |"
+            [
+                name,
+                f"{r['test_loss']:.4f}",
+                f"{r['test_accuracy']:.4f}",
+                f"{r['orthogonality_error']:.4f}",
+                f"{r['seconds_per_step'] * 1e6:.1f}",
+                f"{r['cost_over_adam']:.2f}",
+                extra,
+            ]
         )
-    return "\n".join(rows)
+    return _harness.markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps, one seed")
+    parser = _harness.parser(__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="training steps (3000)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (3)")
-    parser.add_argument("--reps", type=int, default=None, help="timed runs per config (5)")
-    parser.add_argument("--markdown", action="store_true", help="also print the Markdown table")
-    parser.add_argument("--json", default=None, help="write the results to this path")
     args = parser.parse_args(argv)
     steps = args.steps or (64 if args.quick else 3000)
     seeds = args.seeds or (1 if args.quick else 3)
@@ -236,13 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(results))
     report = {
         "machine": {
-            **_machine.machine(),
             "optax": optax.__version__,
             "date_utc": started,
             "loadavg_at_start": load,
-            "loadavg_at_end": list(os.getloadavg()),
         },
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": args.quick,
         "settings": {
             "steps": steps,
@@ -255,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    _harness.write_report(args.json, report)
     return 0
 
 

@@ -6,7 +6,7 @@ two forms,
 * ``grad``: ``jax.grad`` of :func:`jax_orthopenalty.orthogonality_penalty` (the
   closed-form ``custom_vjp`` backward pass);
 * ``transform``: ``jop.add_orthogonality_penalty(beta).update(zeros, state, params)``,
-  jitted (when the package has the transform);
+  jitted;
 
 in the other layouts and under ``jax.vmap``,
 
@@ -29,8 +29,9 @@ against four references,
   the same (l, m, n) tensor, the result made contiguous in that layout), under
   ``torch.no_grad`` on the same CPU, with ``OMP_WAIT_POLICY=PASSIVE`` (see below).
 
-The columns are interleaved: every repetition times each of them once, in an order
-that reverses on every other repetition, and the table reports medians. It also
+The columns are interleaved (``_harness.interleaved_samples``): every repetition times
+each of them once, in an order that reverses on every other repetition, and the table
+reports medians. It also
 reports what XLA's compiled executable allocates beyond its arguments and outputs
 (``memory_analysis().temp_size_in_bytes``), in units of phi's size, for the gradient
 single- and double-sided (``double_sided=True``) with ``norm="l1"`` and ``"squared"``;
@@ -43,21 +44,17 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_grad.py            # the table, a few minutes
     .venv/bin/python benchmarks/bench_grad.py --quick    # a smoke run, seconds
 
-It prints the table and writes JSON (``--out``, default
+It prints the table and writes JSON (``--json`` or ``--out``, default
 ``benchmarks/results/grad_<platform>.json``; ``--out ''`` writes none).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import gc
-import json
 import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,7 +68,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax_orthopenalty as jop
-from benchmarks import _machine
+from benchmarks import _harness
 from jax_orthopenalty import _contract
 
 REGIMES: list[tuple[int, int, int]] = [
@@ -102,49 +99,39 @@ except ImportError:  # pragma: no cover - depends on the environment
 # --------------------------------------------------------------------------- timing
 
 
-def _timed(fn: Callable[[], Any], inner: int) -> float:
-    start = time.perf_counter()
-    for _ in range(inner):
-        out = fn()
-    _block(out)
-    return (time.perf_counter() - start) / inner
-
-
-def _block(out: Any) -> None:
-    if torch is not None and isinstance(out, torch.Tensor):
-        return  # CPU tensors are ready when the call returns
-    jax.block_until_ready(out)
-
-
 def measure(
     columns: dict[str, Callable[[], Any]], reps: int, target_s: float
 ) -> dict[str, dict[str, float]]:
     """Median seconds per call of each column, the columns interleaved.
 
-    Every column is warmed up twice, then called ``inner`` times per sample so that a
-    sample lasts about ``target_s``; repetition ``r`` visits the columns in order,
-    reversed when ``r`` is odd, so that drift in the machine's load hits every column
-    alike.
+    Every column is warmed up and timed once on its own, then called ``inner`` times
+    per sample so that a sample lasts about ``target_s``; the samples are
+    :func:`_harness.interleaved_samples`'s (repetition ``r`` visits the columns in
+    order, reversed when ``r`` is odd, so that drift in the machine's load hits every
+    column alike).
     """
     inner = {}
     for name, fn in columns.items():
-        _block(fn())
-        once = _timed(fn, 1)
+        once = _harness.interleaved_medians({name: fn}, reps=1, warmup=1)[name]
         inner[name] = max(1, min(50, math.ceil(target_s / max(once, 1e-7))))
-    samples: dict[str, list[float]] = {name: [] for name in columns}
-    order = list(columns)
-    gc.disable()
-    try:
-        for r in range(reps):
-            for name in order if r % 2 == 0 else order[::-1]:
-                samples[name].append(_timed(columns[name], inner[name]))
-    finally:
-        gc.enable()
+
+    def repeated(fn: Callable[[], Any], k: int) -> Callable[[], Any]:
+        def call() -> Any:
+            out = None
+            for _ in range(k):
+                out = fn()
+            return out  # the calls run in order: the last one done, all are
+
+        return call
+
+    samples = _harness.interleaved_samples(
+        {name: repeated(fn, inner[name]) for name, fn in columns.items()}, reps=reps, warmup=0
+    )
     return {
         name: {
-            "median_s": statistics.median(s),
-            "min_s": min(s),
-            "max_s": max(s),
+            "median_s": statistics.median(s) / inner[name],
+            "min_s": min(s) / inner[name],
+            "max_s": max(s) / inner[name],
             "reps": len(s),
             "inner": inner[name],
         }
@@ -271,20 +258,12 @@ def run_regime(
         "groups_first_vmap": lambda: first_vmap(first),
     }
     notes: dict[str, str] = {}
-    transform = None
-    if hasattr(jop, "add_orthogonality_penalty"):
-        try:
-            tx = jop.add_orthogonality_penalty(BETA)
-            params = {"phi": phi}
-            state = tx.init(params)
-            zeros = {"phi": jnp.zeros_like(phi)}
-            transform = jax.jit(tx.update)
-            jax.block_until_ready(transform(zeros, state, params))
-            columns["transform"] = lambda: transform(zeros, state, params)[0]
-        except Exception as e:
-            notes["transform"] = f"skipped: {type(e).__name__}: {e}"
-    else:
-        notes["transform"] = "skipped: jax_orthopenalty has no add_orthogonality_penalty"
+    tx = jop.add_orthogonality_penalty(BETA)
+    params = {"phi": phi}
+    state = tx.init(params)
+    zeros = {"phi": jnp.zeros_like(phi)}
+    transform = jax.jit(tx.update)
+    columns["transform"] = lambda: transform(zeros, state, params)[0]
     torch_grad = _torch_grad(phi_np)
     if torch_grad is not None:
         columns["torch"] = torch_grad
@@ -317,9 +296,8 @@ def run_regime(
         "grad/matmul_floor": t["grad"] / t["matmul_floor"],
         "grad/memory_floor": t["grad"] / t["memory"],
     }
-    if "transform" in t:
-        ratios["autodiff/transform"] = t["autodiff"] / t["transform"]
-        ratios["transform/grad"] = t["transform"] / t["grad"]
+    ratios["autodiff/transform"] = t["autodiff"] / t["transform"]
+    ratios["transform/grad"] = t["transform"] / t["grad"]
     if "torch" in t:
         ratios["torch/grad"] = t["torch"] / t["grad"]
     ratios["vmap/grad"] = t["vmap"] / t["grad"]
@@ -343,9 +321,8 @@ def run_regime(
         "gram_bytes": gram_bytes,
         "grad_temp_bytes": _temp_bytes(grad, phi),
         "autodiff_temp_bytes": _temp_bytes(autodiff, phi),
+        "transform_temp_bytes": _temp_bytes(transform, zeros, state, params),
     }
-    if transform is not None:
-        memory_report["transform_temp_bytes"] = _temp_bytes(transform, zeros, state, params)
     for key in ("grad", "autodiff", "transform"):
         temp = memory_report.get(f"{key}_temp_bytes")
         if temp is not None:
@@ -373,13 +350,11 @@ def run_regime(
 # --------------------------------------------------------------------------- report
 
 
-def machine() -> dict[str, Any]:
-    info = _machine.machine()
-    info["date_utc"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    if torch is not None:
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    return info
+def torch_record() -> dict[str, Any]:
+    """PyTorch's version and threads for the machine record, where it is installed."""
+    if torch is None:
+        return {}
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -405,7 +380,7 @@ def table(results: list[dict[str, Any]]) -> str:
     speedups = [r["ratios"]["autodiff/grad"] for r in results]
     lines.append("-" * len(head))
     lines.append(
-        f"autodiff/grad: geometric mean {statistics.geometric_mean(speedups):.2f}x, "
+        f"autodiff/grad: geometric mean {_harness.geometric_mean(speedups):.2f}x, "
         f"min {min(speedups):.2f}x"
     )
     return "\n".join(lines)
@@ -419,102 +394,167 @@ def markdown(results: list[dict[str, Any]], reference: dict[str, Any] | None = N
     """The tables of docs/performance.md: ratios, milliseconds and memory, vmap and
     layouts, GFLOP/s, double-sided memory."""
     nan = float("nan")
-    rows = [
-        "| (l, m, n) | Gram / product | autodiff / grad | grad / matmul floor "
-        "| grad / memory floor | torch / grad | transform / grad |",
-        "|---|---|--:|--:|--:|--:|--:|",
-    ]
-    for r in results:
-        q = r["ratios"]
-        rows.append(
-            f"| {tuple(r['shape'])} | {r['formulation']['gram']} / {r['formulation']['apply']} "
-            f"| {q['autodiff/grad']:.2f} | {q['grad/matmul_floor']:.2f} "
-            f"| {q['grad/memory_floor']:.1f} | {q.get('torch/grad', nan):.2f} "
-            f"| {q.get('transform/grad', nan):.2f} |"
-        )
-    speedups = [r["ratios"]["autodiff/grad"] for r in results]
-    rows.append(
-        f"\nGeometric mean of autodiff / grad: **{statistics.geometric_mean(speedups):.2f}x** "
-        f"(min {min(speedups):.2f}x).\n"
-    )
-    rows += [
-        "| (l, m, n) | grad | transform | autodiff | Gram + product | memory pass | torch "
-        "| grad temp / phi | autodiff temp / phi | budget (phi + Gram) / phi |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
 
     def ms(r: dict[str, Any], key: str) -> str:
         t = r["times"].get(key)
         return "" if t is None else f"{t['median_s'] * 1e3:.3f}"
 
+    def shape(r: dict[str, Any]) -> str:
+        return str(tuple(r["shape"]))
+
+    parts = []
+    ratios_rows = []
+    for r in results:
+        q = r["ratios"]
+        ratios_rows.append(
+            [
+                shape(r),
+                f"{r['formulation']['gram']} / {r['formulation']['apply']}",
+                f"{q['autodiff/grad']:.2f}",
+                f"{q['grad/matmul_floor']:.2f}",
+                f"{q['grad/memory_floor']:.1f}",
+                f"{q.get('torch/grad', nan):.2f}",
+                f"{q.get('transform/grad', nan):.2f}",
+            ]
+        )
+    parts.append(
+        _harness.markdown_table(
+            [
+                "(l, m, n)",
+                "Gram / product",
+                "autodiff / grad",
+                "grad / matmul floor",
+                "grad / memory floor",
+                "torch / grad",
+                "transform / grad",
+            ],
+            ratios_rows,
+        )
+    )
+    speedups = [r["ratios"]["autodiff/grad"] for r in results]
+    parts.append(
+        f"Geometric mean of autodiff / grad: **{_harness.geometric_mean(speedups):.2f}x** "
+        f"(min {min(speedups):.2f}x)."
+    )
+    time_rows = []
     for r in results:
         mem = r["memory"]
         budget = (mem["phi_bytes"] + mem["gram_bytes"]) / mem["phi_bytes"]
-        rows.append(
-            f"| {tuple(r['shape'])} | {ms(r, 'grad')} | {ms(r, 'transform')} "
-            f"| {ms(r, 'autodiff')} | {r['matmul_floor_s'] * 1e3:.3f} | {ms(r, 'memory')} "
-            f"| {ms(r, 'torch')} | {mem.get('grad_temp_over_phi', nan):.2f} "
-            f"| {mem.get('autodiff_temp_over_phi', nan):.2f} | {budget:.2f} |"
+        time_rows.append(
+            [
+                shape(r),
+                ms(r, "grad"),
+                ms(r, "transform"),
+                ms(r, "autodiff"),
+                f"{r['matmul_floor_s'] * 1e3:.3f}",
+                ms(r, "memory"),
+                ms(r, "torch"),
+                f"{mem.get('grad_temp_over_phi', nan):.2f}",
+                f"{mem.get('autodiff_temp_over_phi', nan):.2f}",
+                f"{budget:.2f}",
+            ]
         )
-    rows += [
-        "",
-        "| (l, m, n) | grad ms | vmap / grad | vmap / direct: value | vmap / direct: "
-        "closed form | groups-first ms | groups-first vmap / direct | grad / memory floor "
-        "| vmap / memory floor | groups-first / memory floor |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    parts.append(
+        _harness.markdown_table(
+            [
+                "(l, m, n)",
+                "grad",
+                "transform",
+                "autodiff",
+                "Gram + product",
+                "memory pass",
+                "torch",
+                "grad temp / phi",
+                "autodiff temp / phi",
+                "budget (phi + Gram) / phi",
+            ],
+            time_rows,
+        )
+    )
+    vmap_rows = []
     for r in results:
         q = r["ratios"]
-        rows.append(
-            f"| {tuple(r['shape'])} | {ms(r, 'grad')} | {q['vmap/grad']:.2f} "
-            f"| {q['vmap_value/value']:.2f} | {q['vmap_closed/closed']:.2f} "
-            f"| {ms(r, 'groups_first')} | {q['groups_first_vmap/groups_first']:.2f} "
-            f"| {q['grad/memory_floor']:.1f} | {q['vmap/memory_floor']:.1f} "
-            f"| {q['groups_first/memory_floor']:.1f} |"
+        vmap_rows.append(
+            [
+                shape(r),
+                ms(r, "grad"),
+                f"{q['vmap/grad']:.2f}",
+                f"{q['vmap_value/value']:.2f}",
+                f"{q['vmap_closed/closed']:.2f}",
+                ms(r, "groups_first"),
+                f"{q['groups_first_vmap/groups_first']:.2f}",
+                f"{q['grad/memory_floor']:.1f}",
+                f"{q['vmap/memory_floor']:.1f}",
+                f"{q['groups_first/memory_floor']:.1f}",
+            ]
         )
-    rows += [
-        "",
-        "| (l, m, n) | grad GFLOP/s | torch GFLOP/s |",
-        "|---|--:|--:|",
-    ]
-    for r in results:
-        g = r.get("gflops", {})
-        rows.append(
-            f"| {tuple(r['shape'])} | {_fmt(g.get('grad'), '.0f')} "
-            f"| {_fmt(g.get('torch'), '.0f')} |"
+    parts.append(
+        _harness.markdown_table(
+            [
+                "(l, m, n)",
+                "grad ms",
+                "vmap / grad",
+                "vmap / direct: value",
+                "vmap / direct: closed form",
+                "groups-first ms",
+                "groups-first vmap / direct",
+                "grad / memory floor",
+                "vmap / memory floor",
+                "groups-first / memory floor",
+            ],
+            vmap_rows,
         )
+    )
+    parts.append(
+        _harness.markdown_table(
+            ["(l, m, n)", "grad GFLOP/s", "torch GFLOP/s"],
+            [
+                [
+                    shape(r),
+                    _fmt(r.get("gflops", {}).get("grad"), ".0f"),
+                    _fmt(r.get("gflops", {}).get("torch"), ".0f"),
+                ]
+                for r in results
+            ],
+        )
+    )
     if reference is not None:
         size = reference["shape"][0]
-        rows.append(
-            f"\nOne ({size}, {size}) @ ({size}, {size}) float32 matmul on the same machine: "
+        parts.append(
+            f"One ({size}, {size}) @ ({size}, {size}) float32 matmul on the same machine: "
             + ", ".join(f"`{k}` {v:.0f} GFLOP/s" for k, v in reference["gflops"].items())
-            + ".\n"
+            + "."
         )
-    rows += [
-        "| (l, m, n) | l1 | l1 double-sided | squared | squared double-sided |",
-        "|---|--:|--:|--:|--:|",
-    ]
+    double_rows = []
     for r in results:
         ds = r["memory"].get("double_sided_temp_over_phi", {})
-        cells = [
-            _fmt(ds.get(norm, {}).get(side), ".2f")
-            for norm in ("l1", "squared")
-            for side in ("single", "double")
-        ]
-        rows.append(f"| {tuple(r['shape'])} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        double_rows.append(
+            [
+                shape(r),
+                *(
+                    _fmt(ds.get(norm, {}).get(side), ".2f")
+                    for norm in ("l1", "squared")
+                    for side in ("single", "double")
+                ),
+            ]
+        )
+    parts.append(
+        _harness.markdown_table(
+            ["(l, m, n)", "l1", "l1 double-sided", "squared", "squared double-sided"],
+            double_rows,
+        )
+    )
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small shapes, 1 rep")
-    parser.add_argument("--reps", type=int, default=15, help="repetitions (default 15)")
+    parser = _harness.parser(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--only", default="", help="comma-separated indices into the regime list, e.g. 0,3"
     )
-    parser.add_argument("--out", default=None, help="JSON path ('' for none)")
-    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    parser.add_argument("--out", default=None, help="JSON path ('' for none); as --json")
     args = parser.parse_args(argv)
+    reps_arg = args.reps or 15
 
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -530,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for shape in regimes:
         heavy = math.prod(shape) * shape[-1] > 2**32  # (4096, 1, 4096): seconds a call
-        reps = 1 if args.quick else (max(3, args.reps // 4) if heavy else args.reps)
+        reps = 1 if args.quick else (max(3, reps_arg // 4) if heavy else reps_arg)
         target = 0.0 if args.quick else (0.0 if heavy else 0.02)
         results.append(run_regime(shape, reps, target))
         print(f"done {shape}", file=sys.stderr, flush=True)
@@ -546,26 +586,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         for note in r["notes"].values():
             print(f"{tuple(r['shape'])}: {note}")
+    out = args.json if args.json is not None else args.out
+    if out is None:
+        suffix = "_quick" if args.quick else ""
+        out = str(Path(__file__).parent / "results" / f"grad_{jax.default_backend()}{suffix}.json")
     report = {
-        "machine": machine(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {**torch_record(), "date_utc": started, "loadavg_at_start": load_at_start},
         "quick": args.quick,
         "beta": BETA,
         "matmul_reference": reference,
         "results": results,
     }
-    report["machine"]["date_utc"] = started
-    report["machine"]["loadavg_at_start"] = load_at_start
-    if hasattr(os, "getloadavg"):
-        report["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    out = args.out
-    if out is None:
-        suffix = "_quick" if args.quick else ""
-        out = str(Path(__file__).parent / "results" / f"grad_{jax.default_backend()}{suffix}.json")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}")
+    _harness.write_report(out, report)
     return 0
 
 

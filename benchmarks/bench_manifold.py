@@ -28,15 +28,18 @@ its orthogonal parametrisation (``geotorch.orthogonal``) and torch's SGD, as an
 anchor: per-step time ratio and final errors side by side.
 
     python benchmarks/bench_manifold.py [--json benchmarks/results/manifold_cpu.json]
+    python benchmarks/bench_manifold.py --quick    # a smoke run: few steps, tiny leaves
+
+``--markdown`` also prints the tables as Markdown. Times are medians of
+``_harness.interleaved_medians`` (the training loops: ``repeats`` runs each; the step
+cost: ``--reps`` interleaved pairs).
 
 The notebook ``notebooks/05_soft_or_exact.ipynb`` imports this module and plots it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# Benchmark the checkout this script lives in, not whichever copy is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import jax_orthopenalty as jop
+from benchmarks import _harness
 
 TARGET = 1e-5
 METHODS = ("soft-l1", "soft-squared", "landing", "project")
@@ -81,15 +88,12 @@ def pca_optimizer(method: str, lr: float, beta: float = 1.0) -> optax.GradientTr
 def _timed_scan(
     step: Callable[[Any, Any], tuple[Any, Any]], carry: Any, steps: int, repeats: int = 3
 ) -> tuple[Any, Any, float]:
-    """Runs ``steps`` steps in one jitted scan; returns the result and seconds per step."""
+    """Runs ``steps`` steps in one jitted scan; returns the result and seconds per step
+    (the median of ``repeats`` runs, after the first, which compiles)."""
     run = jax.jit(lambda c: jax.lax.scan(step, c, None, length=steps))
     out = jax.block_until_ready(run(carry))  # compile, and the result
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(run(carry))
-        best = min(best, time.perf_counter() - t)
-    return out[0], out[1], best / steps
+    seconds = _harness.interleaved_medians({"run": lambda: run(carry)}, reps=repeats, warmup=0)
+    return out[0], out[1], seconds["run"] / steps
 
 
 def _first_below(errors: np.ndarray, target: float = TARGET) -> int | None:
@@ -265,12 +269,8 @@ def run_geotorch(steps: int = 3000, lr: float = 0.05, seed: int = 0) -> dict[str
         opt.step()
         return value.item()
 
-    for _ in range(10):
-        one()  # warm up
-    t = time.perf_counter()
-    for _ in range(steps - 10):
-        one()
-    per_step = (time.perf_counter() - t) / (steps - 10)
+    # Training as it times: 10 steps of warm-up, then the median of the other steps.
+    per_step = _harness.interleaved_medians({"step": one}, reps=steps - 10, warmup=10)["step"]
     with torch.no_grad():
         x = layer.weight.double().numpy()
     final = -0.5 * float(np.trace(x.T @ prob["a"] @ x))
@@ -339,14 +339,9 @@ def run_step_cost(
                 return optax.apply_updates(p, tx.update(g, state, p)[0])
 
             steps[name] = jax.jit(step).lower(params, grads).compile()
-            jax.block_until_ready(steps[name](params, grads))  # warm
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for r in range(reps):
-            for name in steps if r % 2 == 0 else reversed(list(steps)):
-                t = time.perf_counter()
-                jax.block_until_ready(steps[name](params, grads))
-                times[name].append(time.perf_counter() - t)
-        med = {name: float(np.median(v)) for name, v in times.items()}
+        med = _harness.interleaved_medians(
+            {name: lambda fn=fn: fn(params, grads) for name, fn in steps.items()}, reps=reps
+        )
         leaf_distances = [
             (
                 y.shape[0],
@@ -442,39 +437,94 @@ def report(pca: dict[str, Any], digits: dict[str, Any], geo: dict[str, Any] | No
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+def markdown(
+    cost: dict[str, Any], pca: dict[str, Any] | None = None, digits: dict[str, Any] | None = None
+) -> str:
+    """The step-cost table of docs/performance.md, and the training tables."""
+    tables = [
+        _harness.markdown_table(
+            [
+                "largest ‖E‖_F after the step",
+                "route (Frobenius bound)",
+                "penalty step ms",
+                "projected step ms",
+                "projected / penalty",
+            ],
+            [
+                [
+                    f"{r['target']:g}",
+                    r["route"],
+                    f"{r['penalty_ms']:.2f}",
+                    f"{r['project_ms']:.2f}",
+                    f"{r['ratio']:.2f}",
+                ]
+                for r in cost["rows"]
+            ],
+        )
+    ]
+    for title, res in (("PCA", pca), ("digits", digits)):
+        if res is None:
+            continue
+        tables.append(
+            _harness.markdown_table(
+                [f"{title} ({res['steps']} steps)", "final error", "µs/step", "steps to 1e-5"],
+                [
+                    [
+                        m,
+                        f"{res[m]['final_error']:.1e}",
+                        f"{res[m]['us_per_step']:.1f}",
+                        res[m]["steps_to_target"],
+                    ]
+                    for m in METHODS
+                ],
+            )
+        )
+    return "\n\n".join(tables)
+
+
+def _slim(result: dict[str, Any]) -> dict[str, Any]:
+    """A training result without its per-step curves."""
+    return {k: v for k, v in result.items() if not isinstance(v, dict)} | {
+        m: {k: v for k, v in result[m].items() if k not in ("error", "loss")} for m in METHODS
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _harness.parser(__doc__.splitlines()[0])
     parser.add_argument("--no-geotorch", action="store_true")
     parser.add_argument("--step-cost", action="store_true", help="only the step-cost rows")
-    parser.add_argument("--reps", type=int, default=31, help="step-cost pairs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    reps = args.reps or (2 if args.quick else 31)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
-    cost = run_step_cost(args.reps)
+    if args.quick:
+        cost = run_step_cost(reps, leaves=((12, 4), (8, 8)), distances=(1e-4, 3e-2, 0.4))
+    else:
+        cost = run_step_cost(reps)
     print(report_step_cost(cost))
     if args.step_cost:
-        if args.json is not None:
-            args.json.write_text(json.dumps({"step_cost": cost}, indent=1) + "\n")
-        return
-    pca, digits = run_pca(), run_digits()
-    geo = None if args.no_geotorch else run_geotorch()
+        if args.markdown:
+            print(markdown(cost))
+        _harness.write_report(args.json, {"quick": args.quick, "step_cost": cost})
+        return 0
+    if args.quick:
+        pca, digits = run_pca(steps=100, repeats=1), run_digits(steps=20, repeats=1)
+        geo = None if args.no_geotorch else run_geotorch(steps=30)
+    else:
+        pca, digits = run_pca(), run_digits()
+        geo = None if args.no_geotorch else run_geotorch()
     print(report(pca, digits, geo))
-    if args.json is not None:
-        slim = {
-            "pca": {k: v for k, v in pca.items() if not isinstance(v, dict)}
-            | {
-                m: {k: v for k, v in pca[m].items() if k not in ("error", "loss")} for m in METHODS
-            },
-            "digits": {k: v for k, v in digits.items() if not isinstance(v, dict)}
-            | {
-                m: {k: v for k, v in digits[m].items() if k not in ("error", "loss")}
-                for m in METHODS
-            },
-            "geotorch": geo,
-            "step_cost": cost,
-        }
-        args.json.write_text(json.dumps(slim, indent=1) + "\n")
+    if args.markdown:
+        print(markdown(cost, pca, digits))
+    results = {
+        "quick": args.quick,
+        "pca": _slim(pca),
+        "digits": _slim(digits),
+        "geotorch": geo,
+        "step_cost": cost,
+    }
+    _harness.write_report(args.json, results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

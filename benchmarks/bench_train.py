@@ -22,15 +22,16 @@ with seven optimizers,
 * ``projection``: ``optax.chain(optax.sgd(1e-3),
   jop.project_orthonormal(dimension_numbers=dims))``;
 
-where ``dims`` is the layout of every parameter (:func:`dimension_numbers`: conv
+where ``dims`` is the layout of every parameter (``jop.dimension_numbers_for``: conv
 kernels per output channel, stacked layers as groups, attention heads as groups, wide
 kernels by their rows, embeddings, biases and norms skipped).
 
 Timing: every configuration keeps its own parameters and optimizer state; one sample
 is a block of 16 consecutive steps (so that ``every=16`` pays its one penalty step in
 every block, and ``every=4`` four), timed to ``block_until_ready``, divided by 16. The
-configurations are interleaved: every repetition times one block of each, in an order
-that reverses on every other repetition, and the tables report medians.
+configurations are interleaved (``_harness.interleaved_samples``): every repetition
+times one block of each, in an order that reverses on every other repetition, and the
+tables report medians.
 
 Also measured, per model:
 
@@ -62,10 +63,7 @@ Its numbers mean nothing.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import gc
-import json
 import os
 import statistics
 import sys
@@ -86,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import itertools
 
 import jax_orthopenalty as jop
-from benchmarks import _machine
+from benchmarks import _harness
 
 BETA = 1e-3
 LEARNING_RATE = 1e-3
@@ -275,40 +273,6 @@ MODELS = ("mlp", "cnn", "transformer")
 # --------------------------------------------------------------------------- layouts
 
 
-def _local_layout(path: tuple[Any, ...], leaf: Any) -> jop.OrthoDims | None:
-    """The layout of one parameter of the three models above, from its place and shape."""
-    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    name = keys[-2] if keys[-1] == "value" else keys[-1]
-    stacked = "blocks" in keys  # nnx.vmap-stacked: a leading layer axis, a group axis
-    lead = 1 if stacked else 0
-    if name != "kernel":
-        return None  # biases, norm scales and offsets, the embedding table
-    rank = leaf.ndim - lead
-    if "attention" in keys:
-        if "out" in keys:  # (heads, head_dim, d): vectors over (heads, head_dim)
-            return jop.OrthoDims(vector_axis=(lead, lead + 1), column_axis=lead + 2)
-        # query, key, value (d, heads, head_dim): the heads are groups
-        return jop.OrthoDims(vector_axis=lead, column_axis=lead + 2)
-    if rank == 4:  # a conv kernel HWIO: one column per output channel
-        return jop.OrthoDims(vector_axis=(lead, lead + 1, lead + 2), column_axis=lead + 3)
-    l, n = leaf.shape[lead], leaf.shape[lead + 1]
-    if n > l:  # wide: orthonormal rows
-        return jop.OrthoDims(vector_axis=lead + 1, column_axis=lead)
-    return jop.OrthoDims(vector_axis=lead, column_axis=lead + 1)
-
-
-def dimension_numbers(model: nnx.Module) -> Any:
-    """The layout of every parameter of ``model``, a pytree like ``nnx.state(model, nnx.Param)``.
-
-    ``jop.dimension_numbers_for(model)`` where the package has it; else the same
-    layouts written out for the three models of this benchmark.
-    """
-    if hasattr(jop, "dimension_numbers_for"):
-        return jop.dimension_numbers_for(model)
-    params = nnx.state(model, nnx.Param)
-    return jax.tree_util.tree_map_with_path(_local_layout, params)
-
-
 def _describe_layouts(params: Any, dims: Any) -> dict[str, str]:
     """Every parameter's shape and layout, for the JSON."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -400,6 +364,8 @@ def compile_all(
         # (nnx's graph caches, jax's caches of the small jitted helpers).
         warm = jax.jit(make_step(prob.model, prob, optax.sgd(LEARNING_RATE)))
         warm.lower(params, states["sgd"], prob.batch).compile(compiler_options=options)
+    # Not _harness.interleaved_samples: one sample is two phases of a fresh compile
+    # (lower, then compile), each timed, in the same alternating order.
     for r in range(reps):
         for name in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
             step = make_step(prob.model, prob, optimizer(name, dims))
@@ -427,44 +393,33 @@ def compile_all(
 def time_steps(
     executables: dict[str, Any], prob: Problem, dims: Any, params: Any, reps: int
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Median seconds per step of every configuration, in interleaved blocks of 16 steps."""
+    """Median seconds per step of every configuration, in interleaved blocks of 16 steps
+    (one untimed block each first)."""
     carry = {name: (_copy(params), optimizer(name, dims).init(params)) for name in executables}
-    last_loss: dict[str, float] = {}
+    losses: dict[str, jax.Array] = {}
 
-    def block(name: str) -> float:
+    def block(name: str) -> Any:
         run = executables[name]
         p, s = carry[name]
-        start = time.perf_counter()
         for _ in range(BLOCK):
             p, s, loss = run(p, s, prob.batch)
-        jax.block_until_ready((p, s, loss))
-        elapsed = time.perf_counter() - start
-        carry[name] = (p, s)
-        last_loss[name] = float(loss)
-        return elapsed / BLOCK
+        carry[name], losses[name] = (p, s), loss
+        return p, s, loss
 
-    for name in executables:  # warm-up: one block each
-        block(name)
-    samples: dict[str, list[float]] = {name: [] for name in executables}
-    order = list(executables)
-    gc.disable()
-    try:
-        for r in range(reps):
-            for name in order if r % 2 == 0 else order[::-1]:
-                samples[name].append(block(name))
-    finally:
-        gc.enable()
+    samples = _harness.interleaved_samples(
+        {name: lambda name=name: block(name) for name in executables}, reps=reps, warmup=1
+    )
     times = {
         name: {
-            "median_s": statistics.median(s),
-            "min_s": min(s),
-            "max_s": max(s),
+            "median_s": statistics.median(s) / BLOCK,
+            "min_s": min(s) / BLOCK,
+            "max_s": max(s) / BLOCK,
             "reps": len(s),
             "steps_per_sample": BLOCK,
         }
         for name, s in samples.items()
     }
-    return times, last_loss
+    return times, {name: float(loss) for name, loss in losses.items()}
 
 
 def flop_floor(prob: Problem, dims: Any, params: Any) -> dict[str, float]:
@@ -497,7 +452,7 @@ def flop_floor(prob: Problem, dims: Any, params: Any) -> dict[str, float]:
 def run_model(name: str, quick: bool, reps: int, compile_reps: int) -> dict[str, Any]:
     prob = problem(name, quick)
     params = nnx.state(prob.model, nnx.Param)
-    dims = dimension_numbers(prob.model)
+    dims = jop.dimension_numbers_for(prob.model)
     options = QUICK_COMPILER_OPTIONS if quick else {}
     executables, compiled = compile_all(prob, dims, params, compile_reps, options)
     times, last_loss = time_steps(executables, prob, dims, params, reps)
@@ -559,7 +514,7 @@ def run_model(name: str, quick: bool, reps: int, compile_reps: int) -> dict[str,
 def machine() -> dict[str, Any]:
     import flax
 
-    return {**_machine.machine(), "flax": flax.__version__, "optax": optax.__version__}
+    return {**_harness.machine(), "flax": flax.__version__, "optax": optax.__version__}
 
 
 def _ms(x: float) -> str:
@@ -599,83 +554,119 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     """The tables of docs/performance.md's "Training steps" section."""
-    rows = [
-        "| model | adam ms | penalty every=1 / adam | every=4 / adam | every=16 / adam "
-        "| sgd ms | landing / sgd | projection / sgd |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    steps, flops, compiles, memory, targets = [], [], [], [], []
     for r in results:
-        t, q = r["times"], r["ratios"]
-        rows.append(
-            f"| {r['model']} | {_ms(t['adam']['median_s'])} "
-            + " ".join(f"| {q[f'penalty every={k}/adam']:.2f}" for k in EVERY)
-            + f" | {_ms(t['sgd']['median_s'])} | {q['landing/sgd']:.2f} "
-            f"| {q['projection/sgd']:.2f} |"
+        t, q, f, o, c = r["times"], r["ratios"], r["flops"], r["penalty_overhead"], r["compile"]
+        steps.append(
+            [
+                r["model"],
+                _ms(t["adam"]["median_s"]),
+                *(f"{q[f'penalty every={k}/adam']:.2f}" for k in EVERY),
+                _ms(t["sgd"]["median_s"]),
+                f"{q['landing/sgd']:.2f}",
+                f"{q['projection/sgd']:.2f}",
+            ]
         )
-    rows += [
-        "",
-        "| model | penalty MFLOP | step MFLOP | flop floor | overhead every=1 "
-        "| overhead / floor | every=4 (bound) | every=16 (bound) | landing flop floor |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for r in results:
-        f, o = r["flops"], r["penalty_overhead"]
-        cells = " ".join(
-            f"| {o[f'every={k}']:.3f} ({o['every=1'] / k + 0.05:.3f})" for k in EVERY[1:]
+        flops.append(
+            [
+                r["model"],
+                f"{f['penalty_update_flops'] / 1e6:.1f}",
+                f"{f['adam_step_flops'] / 1e6:.1f}",
+                f"{f['penalty_floor']:.3f}",
+                f"{o['every=1']:.3f}",
+                f"{o['every=1'] / f['penalty_floor']:.2f}",
+                *(f"{o[f'every={k}']:.3f} ({o['every=1'] / k + 0.05:.3f})" for k in EVERY[1:]),
+                f"{f['landing_floor']:.3f}",
+            ]
         )
-        rows.append(
-            f"| {r['model']} | {f['penalty_update_flops'] / 1e6:.1f} "
-            f"| {f['adam_step_flops'] / 1e6:.1f} | {f['penalty_floor']:.3f} "
-            f"| {o['every=1']:.3f} | {o['every=1'] / f['penalty_floor']:.2f} {cells} "
-            f"| {f['landing_floor']:.3f} |"
+        cq = r["compile_ratios"]
+        compiles.append(
+            [
+                r["model"],
+                f"{c['adam']['total_s']:.2f}",
+                *(f"{cq[f'penalty every={k}/adam']:.2f}" for k in EVERY),
+                f"{c['sgd']['total_s']:.2f}",
+                f"{cq['landing/sgd']:.2f}",
+                f"{cq['projection/sgd']:.2f}",
+            ]
         )
-    rows += [
-        "",
-        "| model | adam compile s | penalty every=1 / adam | every=4 / adam | every=16 / adam "
-        "| sgd compile s | landing / sgd | projection / sgd |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for r in results:
-        c, q = r["compile"], r["compile_ratios"]
-        rows.append(
-            f"| {r['model']} | {c['adam']['total_s']:.2f} "
-            + " ".join(f"| {q[f'penalty every={k}/adam']:.2f}" for k in EVERY)
-            + f" | {c['sgd']['total_s']:.2f} | {q['landing/sgd']:.2f} "
-            f"| {q['projection/sgd']:.2f} |"
+        memory.append(
+            [
+                r["model"],
+                _mib(r["parameter_bytes"]),
+                *(_mib(c[name]["memory"]["temp_bytes"]) for name in CONFIGS),
+                _mib(c["adam"]["memory"]["argument_bytes"]),
+                _mib(c["sgd"]["memory"]["argument_bytes"]),
+            ]
         )
-    rows += [
-        "",
-        "| model | parameters MiB | "
-        + " | ".join(f"{name} temp" for name in CONFIGS)
-        + " | adam arguments | sgd arguments |",
-        "|---|--:|" + "--:|" * (len(CONFIGS) + 2),
-    ]
-    for r in results:
-        c = r["compile"]
-        rows.append(
-            f"| {r['model']} | {_mib(r['parameter_bytes'])} | "
-            + " | ".join(_mib(c[name]["memory"]["temp_bytes"]) for name in CONFIGS)
-            + f" | {_mib(c['adam']['memory']['argument_bytes'])} "
-            f"| {_mib(c['sgd']['memory']['argument_bytes'])} |"
-        )
-    rows += ["", "| model | target | value | bound | met |", "|---|---|--:|--:|---|"]
-    for r in results:
         for target, v in r["targets"].items():
-            rows.append(
-                f"| {r['model']} | {target} | {v['value']:.3f} | {v['bound']:.3f} "
-                f"| {'yes' if v['met'] else 'no'} |"
+            targets.append(
+                [
+                    r["model"],
+                    target,
+                    f"{v['value']:.3f}",
+                    f"{v['bound']:.3f}",
+                    "yes" if v["met"] else "no",
+                ]
             )
-    return "\n".join(rows)
+    per_every = [f"every={k} / adam" for k in EVERY[1:]]
+    tables = [
+        (
+            [
+                "model",
+                "adam ms",
+                "penalty every=1 / adam",
+                *per_every,
+                "sgd ms",
+                "landing / sgd",
+                "projection / sgd",
+            ],
+            steps,
+        ),
+        (
+            [
+                "model",
+                "penalty MFLOP",
+                "step MFLOP",
+                "flop floor",
+                "overhead every=1",
+                "overhead / floor",
+                *(f"every={k} (bound)" for k in EVERY[1:]),
+                "landing flop floor",
+            ],
+            flops,
+        ),
+        (
+            [
+                "model",
+                "adam compile s",
+                "penalty every=1 / adam",
+                *per_every,
+                "sgd compile s",
+                "landing / sgd",
+                "projection / sgd",
+            ],
+            compiles,
+        ),
+        (
+            [
+                "model",
+                "parameters MiB",
+                *(f"{name} temp" for name in CONFIGS),
+                "adam arguments",
+                "sgd arguments",
+            ],
+            memory,
+        ),
+        (["model", "target", "value", "bound", "met"], targets),
+    ]
+    return "\n\n".join(_harness.markdown_table(h, rows) for h, rows in tables)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions")
-    parser.add_argument("--reps", type=int, default=None, help="timed blocks per configuration")
+    parser = _harness.parser(__doc__.split("\n\n")[0])
     parser.add_argument("--compile-reps", type=int, default=None, help="compiles per config")
     parser.add_argument("--only", default="", help="comma-separated models, e.g. mlp,cnn")
-    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
-    parser.add_argument("--json", default=None, help="write the results to this path")
     args = parser.parse_args(argv)
     reps = args.reps if args.reps is not None else (2 if args.quick else 9)
     compile_reps = args.compile_reps if args.compile_reps is not None else (1 if args.quick else 3)
@@ -700,7 +691,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at the end: {info['loadavg_at_end'][0]:.1f}")
     report = {
         "machine": info,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": args.quick,
         "settings": {
             "beta": BETA,
@@ -712,10 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    _harness.write_report(args.json, report)
     return 0
 
 

@@ -1,8 +1,10 @@
-"""An independent float64 NumPy reference for the penalty, its gradient and error.
+"""An independent float64 NumPy reference for the penalty, its gradient and error,
+the landing field and the polar factor.
 
 Written from the definitions, one group at a time, with no code shared with the
 library: the layout is handled by moving axes, the Gram matrices by plain ``@``,
-and the chain rule through the normalisation by its Jacobian (I - psi psi^T)/|phi|.
+the chain rule through the normalisation by its Jacobian (I - psi psi^T)/|phi|, and
+the polar factor by ``np.linalg.svd``. Complex inputs stay complex (complex128).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ EPS = 1e-12  # the normalisation's floor on |phi_j|^2, as tf.math.l2_normalize
 
 
 def _canonical(phi: np.ndarray, vector_axis: Any, column_axis: int) -> tuple[np.ndarray, Any]:
-    """Returns phi as (m, l, n) float64, and a function mapping (m, l, n) back."""
+    """Returns phi as (m, l, n) float64 (complex128 if phi is complex), and a function
+    mapping (m, l, n) back."""
     ndim = phi.ndim
     vec = tuple(
         a % ndim for a in (vector_axis if isinstance(vector_axis, tuple) else (vector_axis,))
@@ -24,7 +27,8 @@ def _canonical(phi: np.ndarray, vector_axis: Any, column_axis: int) -> tuple[np.
     col = column_axis % ndim
     groups = [a for a in range(ndim) if a not in vec and a != col]
     perm = [*groups, *vec, col]
-    moved = np.transpose(np.asarray(phi, np.float64), perm)
+    a = np.asarray(phi)
+    moved = np.transpose(a.astype(np.complex128 if np.iscomplexobj(a) else np.float64), perm)
     gshape = moved.shape[: len(groups)]
     vshape = moved.shape[len(groups) : len(groups) + len(vec)]
     n = moved.shape[-1]
@@ -180,3 +184,56 @@ def signed_permutation(l: int, n: int, rng: np.random.Generator) -> np.ndarray:
     out = np.zeros((l, n))
     out[rows, np.arange(n)] = rng.choice([-1.0, 1.0], size=n)
     return out
+
+
+def polar(y: Any, *, vector_axis: Any = 0, column_axis: int = -1) -> np.ndarray:
+    """The polar factor U V^H of the thin SVD Y = U S V^H, per group, shaped like y:
+    the nearest matrix with orthonormal (unitary) columns, in float64 (complex128)."""
+    ys, back = _canonical(y, vector_axis, column_axis)
+    out = np.zeros_like(ys)
+    for i, yi in enumerate(ys):
+        u, _, vh = np.linalg.svd(yi, full_matrices=False)
+        out[i] = u @ vh
+    return back(out)
+
+
+def landing(
+    phi: Any,
+    updates: Any,
+    lam: float,
+    *,
+    vector_axis: Any = 0,
+    column_axis: int = -1,
+    safe_step: float | None = None,
+    learning_rate: float | None = None,
+) -> np.ndarray:
+    """The landing field per group, shaped like phi, in float64 (complex128):
+
+    Lambda = 1/2 (G X^H X - X G^H X) + lam X (X^H X - I),  G = conj(updates),
+
+    returned as conj(Lambda) (jax.grad's convention for complex leaves: the update of
+    a real-valued loss is the conjugate of its Wirtinger gradient; for real leaves
+    conj is the identity). With ``safe_step``, the field is scaled by
+    min(1, eta / learning_rate), eta the step that keeps ||X^H X - I||_F below
+    ``safe_step`` (only while the distance is below it), as in the paper's code.
+    """
+    xs, back = _canonical(phi, vector_axis, column_axis)
+    gs, _ = _canonical(updates, vector_axis, column_axis)
+    out = np.zeros(xs.shape, np.result_type(xs, gs))
+    for i, (x, u) in enumerate(zip(xs, gs, strict=True)):
+        n = x.shape[1]
+        g = np.conj(u)
+        c = x.conj().T @ x
+        rel = 0.5 * (g @ c - x @ (g.conj().T @ x))
+        field = rel + lam * x @ (c - np.eye(n))
+        if safe_step is not None:
+            assert learning_rate is not None
+            d = np.linalg.norm(c - np.eye(n))
+            a = np.linalg.norm(rel)
+            alpha = 2 * (lam * d - a * d - 2 * lam * d)  # as written in the paper's code
+            beta = a**2 + lam**2 * d**3 + 2 * lam * a * d**2 + a**2 * d
+            if d < safe_step:
+                eta = (alpha + np.sqrt(alpha**2 + 4 * beta * (safe_step - d))) / 2 / beta
+                field = field * min(1.0, eta / learning_rate)
+        out[i] = np.conj(field)
+    return back(out)

@@ -25,6 +25,8 @@ from jax_orthopenalty import _contract
 from jax_orthopenalty._layout import make_layout
 from jax_orthopenalty._rules import complex_sign
 
+import reference as ref
+
 HUBER = jop.huber(0.3)
 NORMS = ["l1", "squared", HUBER]
 FLAGS = [
@@ -524,21 +526,6 @@ def test_real_valued_callable_subgradient_raises_for_complex() -> None:
 # --------------------------------------------------------------------------- manifold
 
 
-def _polar_ref(y: np.ndarray) -> np.ndarray:
-    """The nearest matrix with orthonormal (unitary) columns: U V^H of the SVD."""
-    u, _, vh = np.linalg.svd(y, full_matrices=False)
-    return u @ vh
-
-
-def _landing_ref(x: np.ndarray, u: np.ndarray, lam: float) -> np.ndarray:
-    """The landing field in jax.grad's convention: updates u = conj(G), field conj(Lambda),
-    Lambda = 1/2 (G X^H X - X G^H X) + lam X (X^H X - I)."""
-    g = np.conj(u)
-    c = x.conj().T @ x
-    field = 0.5 * (g @ c - x @ (g.conj().T @ x)) + lam * x @ (c - np.eye(x.shape[1]))
-    return np.conj(field)
-
-
 @pytest.mark.parametrize("dtype", [jnp.complex64, jnp.complex128])
 def test_landing_field_and_projection_of_complex_leaves(dtype: Any) -> None:
     rng = np.random.default_rng(21)
@@ -550,7 +537,7 @@ def test_landing_field_and_projection_of_complex_leaves(dtype: Any) -> None:
         tx = jop.landing(0.7)
         got = tx.update(updates, tx.init(params), params)[0]["w"]
         assert got.dtype == dtype
-        np.testing.assert_allclose(got, _landing_ref(x, u, 0.7), rtol=rtol, atol=rtol)
+        np.testing.assert_allclose(got, ref.landing(x, u, 0.7), rtol=rtol, atol=rtol)
         # The projection lands on the polar factor of X + u: near (the series) and far
         # (eigh / SVD) from unitary columns.
         q = np.linalg.qr(_cnormal(rng, (9, 4)))[0]
@@ -560,7 +547,7 @@ def test_landing_field_and_projection_of_complex_leaves(dtype: Any) -> None:
             tp = jop.project_orthonormal()
             new = optax.apply_updates(p, tp.update(d, tp.init(p), p)[0])["w"]
             np.testing.assert_allclose(
-                new, _polar_ref(start + step * u), rtol=10 * rtol, atol=10 * rtol
+                new, ref.polar(start + step * u), rtol=10 * rtol, atol=10 * rtol
             )
 
 

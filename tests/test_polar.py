@@ -1,9 +1,9 @@
 """The polar factor of project_orthonormal: the series route, its fallbacks, its derivatives.
 
-References, in float64 NumPy: the polar factor ``U V^T`` of ``np.linalg.svd``, and its
-derivative written from the SVD, ``dQ = U (sym-free part) V^T + (I - QQ^T) dY V S^-1 V^T``
-with the Sylvester solve in the right singular basis, itself checked against central
-differences.
+References, in float64 NumPy: the polar factor ``U V^T`` of ``np.linalg.svd``
+(``reference.polar``), and its derivative written from the SVD,
+``dQ = U (sym-free part) V^T + (I - QQ^T) dY V S^-1 V^T`` with the Sylvester solve in
+the right singular basis, itself checked against central differences.
 """
 
 from __future__ import annotations
@@ -25,11 +25,6 @@ from jax_orthopenalty._layout import make_layout
 import reference as ref
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def polar_ref(y: Any) -> np.ndarray:
-    u, _, vt = np.linalg.svd(np.asarray(y, np.float64), full_matrices=False)
-    return u @ vt
 
 
 def polar_jvp_ref(y: Any, dy: Any) -> np.ndarray:
@@ -108,11 +103,11 @@ def test_every_route_is_the_float64_polar_factor(dtype: Any) -> None:
                 seen.add(_branch(y, dtype))
                 got = jax.jit(_project)(jnp.asarray(y, dtype))
                 assert got.dtype == dtype
-                np.testing.assert_allclose(got, polar_ref(y), rtol=0, atol=tol)
+                np.testing.assert_allclose(got, ref.polar(y), rtol=0, atol=tol)
             # Far: a Gaussian start (eigh of the Gram for the tall one, SVD for the square).
             y = rng.normal(size=(l, n))
             seen.add(_branch(y, dtype))
-            np.testing.assert_allclose(_project(jnp.asarray(y, dtype)), polar_ref(y), atol=tol)
+            np.testing.assert_allclose(_project(jnp.asarray(y, dtype)), ref.polar(y), atol=tol)
     assert seen == set(range(6)), seen
 
 
@@ -122,13 +117,13 @@ def test_groups_of_a_conv_kernel_and_the_default_layout() -> None:
         for shape, dims in (((3, 3, 4, 5, 16), OrthoDims((0, 1, 2), 3)), ((9, 6, 4), OrthoDims())):
             y = rng.normal(size=shape)
             ys, back = ref._canonical(y, dims.vector_axis, dims.column_axis)
-            qs = np.stack([polar_ref(g) for g in ys])
+            qs = np.stack([ref.polar(g) for g in ys])
             # Near: one step from those polar factors.
             step = back(qs) + 1e-3 * rng.normal(size=shape)
             want = back(
                 np.stack(
                     [
-                        polar_ref(g)
+                        ref.polar(g)
                         for g in ref._canonical(step, dims.vector_axis, dims.column_axis)[0]
                     ]
                 )
@@ -172,7 +167,7 @@ def test_jvp_and_grad_are_the_derivative_of_the_polar_factor(name: str) -> None:
     want = polar_jvp_ref(y, dy)
     # The reference against central differences of the float64 SVD polar factor.
     h = 1e-6
-    fd = (polar_ref(y + h * dy) - polar_ref(y - h * dy)) / (2 * h)
+    fd = (ref.polar(y + h * dy) - ref.polar(y - h * dy)) / (2 * h)
     np.testing.assert_allclose(want, fd, atol=1e-7)
     with jax.enable_x64(True):
         yj, dyj = jnp.asarray(y), jnp.asarray(dy)
@@ -210,7 +205,7 @@ def test_second_order_is_exact_at_repeated_singular_values(name: str) -> None:
         linear = jax.grad(lambda w: jnp.vdot(aj, project(w)))
         np.testing.assert_allclose(jac_vec, jax.jvp(linear, (yj,), (dyj,))[1], atol=1e-10)
         d2 = jax.jvp(lambda w: jax.jvp(project, (w,), (dyj,))[1], (yj,), (dyj,))[1]
-        fd2 = (polar_ref(y + h * dy) - 2 * polar_ref(y) + polar_ref(y - h * dy)) / h**2
+        fd2 = (ref.polar(y + h * dy) - 2 * ref.polar(y) + ref.polar(y - h * dy)) / h**2
         np.testing.assert_allclose(d2, fd2, atol=2e-4)
         jtu.check_grads(project, (yj,), order=2, modes=["fwd", "rev"], atol=1e-6)
 
@@ -267,5 +262,5 @@ def test_derivatives_under_jit_vmap_and_a_training_loop() -> None:
     dys = jnp.asarray(rng.normal(size=ys.shape), jnp.float32)
     batched = jax.vmap(lambda y, d: jax.jvp(_project, (y,), (d,)))(ys, dys)
     for i in range(4):
-        np.testing.assert_allclose(batched[0][i], polar_ref(ys[i]), atol=2e-6)
+        np.testing.assert_allclose(batched[0][i], ref.polar(ys[i]), atol=2e-6)
         np.testing.assert_allclose(batched[1][i], polar_jvp_ref(ys[i], dys[i]), atol=5e-5)

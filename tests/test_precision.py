@@ -69,7 +69,11 @@ def test_tf32_style_rounding_flips_signs_that_highest_keeps():
     assert flips_tf32 > 0.05 * ok.sum()  # a large share of the decided signs
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (TF32 matmuls)")
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="needs a GPU: only its default-precision matmuls round to TF32 (the CPU's are "
+    "exact float32; the test above emulates TF32 with lax.reduce_precision)",
+)
 def test_on_gpu_default_precision_flips_signs_and_the_library_does_not():
     phi = _nearly_orthonormal()
     want, abs_x = _reference_signs(phi)

@@ -12,13 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+import numpyro  # a test dependency (pyproject's `test` extra): no skip without it
+import numpyro.distributions as dist
+import numpyro.infer as infer
 
 import jax_orthopenalty as jop
-
-numpyro = pytest.importorskip("numpyro")
-dist = pytest.importorskip("numpyro.distributions")
-infer = pytest.importorskip("numpyro.infer")
 
 D, M, K, N = 6, 2, 2, 80
 

@@ -213,44 +213,41 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess
         (psh,),
     )
 
-    # The optax update, where the transform exists: a default-layout leaf sharded
-    # over its groups, a conv leaf (groups last) with OrthoDims, a replicated bias,
-    # a schedule (a step count in the state), under jit, on Auto and Explicit meshes.
-    if hasattr(jop, "add_orthogonality_penalty"):
-        for axis_type in (AxisType.Auto, AxisType.Explicit):
-            mesh = jax.make_mesh((N_DEVICES,), ("x",), axis_types=(axis_type,))
-            mode = axis_type.name.lower()
-            params = {"w": phi, "conv": conv, "b": jnp.ones((8,))}
-            grads = jax.tree.map(jnp.cos, params)
-            dims = {"w": jop.OrthoDims(), "conv": jop.OrthoDims(**conv_opts), "b": None}
-            tx = optax.chain(
-                jop.add_orthogonality_penalty(
-                    optax.linear_schedule(0.1, 0.2, 10), dimension_numbers=dims
-                ),
-                optax.sgd(1e-2),
-            )
-            state = tx.init(params)
-            tree_sh = {
-                "w": NamedSharding(mesh, P(None, "x", None)),
-                "conv": NamedSharding(mesh, P(None, None, None, None, "x")),
-                "b": NamedSharding(mesh, P()),
-            }
+    # The optax update: a default-layout leaf sharded over its groups, a conv leaf
+    # (groups last) with OrthoDims, a replicated bias, a schedule (a step count in the
+    # state), under jit, on Auto and Explicit meshes.
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((N_DEVICES,), ("x",), axis_types=(axis_type,))
+        mode = axis_type.name.lower()
+        params = {"w": phi, "conv": conv, "b": jnp.ones((8,))}
+        grads = jax.tree.map(jnp.cos, params)
+        dims = {"w": jop.OrthoDims(), "conv": jop.OrthoDims(**conv_opts), "b": None}
+        tx = optax.chain(
+            jop.add_orthogonality_penalty(
+                optax.linear_schedule(0.1, 0.2, 10), dimension_numbers=dims
+            ),
+            optax.sgd(1e-2),
+        )
+        state = tx.init(params)
+        tree_sh = {
+            "w": NamedSharding(mesh, P(None, "x", None)),
+            "conv": NamedSharding(mesh, P(None, None, None, None, "x")),
+            "b": NamedSharding(mesh, P()),
+        }
 
-            def step(g: Any, p: Any, tx: Any = tx, state: Any = state) -> Any:
-                updates, _ = tx.update(g, state, p)
-                return optax.apply_updates(p, updates)
+        def step(g: Any, p: Any, tx: Any = tx, state: Any = state) -> Any:
+            updates, _ = tx.update(g, state, p)
+            return optax.apply_updates(p, updates)
 
-            check(f"{mode}-group-optax-update", step, (grads, params), (tree_sh, tree_sh))
-            check(
-                f"{mode}-group-tree-penalty-grad",
-                jax.grad(
-                    lambda p, dims=dims: jop.tree_orthogonality_penalty(
-                        p, 0.1, dimension_numbers=dims
-                    )
-                ),
-                (params,),
-                (tree_sh,),
-            )
+        check(f"{mode}-group-optax-update", step, (grads, params), (tree_sh, tree_sh))
+        check(
+            f"{mode}-group-tree-penalty-grad",
+            jax.grad(
+                lambda p, dims=dims: jop.tree_orthogonality_penalty(p, 0.1, dimension_numbers=dims)
+            ),
+            (params,),
+            (tree_sh,),
+        )
 
     print_records(records)
 
@@ -267,7 +264,9 @@ def _records() -> dict[str, dict[str, Any]]:
 
 
 def _record(name: str) -> dict[str, Any]:
-    rec = _records()[name]
+    records = _records()
+    assert name in records, f"the child wrote no record {name!r} (it has {sorted(records)})"
+    rec = records[name]
     assert rec["ok"], rec["error"]
     return rec
 
@@ -383,9 +382,6 @@ def test_explicit_mesh_contracted_sharding(where: str, what: str) -> None:
 def test_optax_update_group_sharded(name: str) -> None:
     """The optax update and the tree penalty's gradient: same numbers as on one
     device, no gather, and every leaf keeps its sharding."""
-    records = _records()
-    if name not in records:
-        pytest.skip("jax_orthopenalty.add_orthogonality_penalty is not in this checkout yet")
     rec = _record(name)
     _assert_matches_unsharded(rec)
     assert "all-gather" not in _ops(rec), rec["collectives"]

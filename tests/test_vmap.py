@@ -324,7 +324,9 @@ def test_under_transformations(name: str) -> None:
 
 def test_forward_mode_on_the_penalty_still_raises() -> None:
     # vmap does not change the custom_vjp contract: jvp of the penalty raises.
-    with pytest.raises(TypeError):
+    with pytest.raises(
+        TypeError, match=r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp"
+    ):
         jax.jvp(_penalty_sum, (_phi_batch(),), (_v(),))
 
 

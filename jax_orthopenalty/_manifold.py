@@ -246,11 +246,12 @@ def _warn_zeros(name: str, params: Any, dimension_numbers: DimensionNumbers) -> 
     Traced params (init under jit) and arrays spread over several processes are not
     checked.
     """
-    counted = map_params(
-        lambda phi, layout: zero_parts(phi, layout.vector_axes, (layout.column_axis,)),
-        params,
-        dimension_numbers,
-    )
+    def count(phi: jax.Array, layout: Any) -> tuple[int, int]:
+        if not isinstance(layout, Layout):  # a ConvDims leaf: update raises, naming it
+            return 0, 0
+        return zero_parts(phi, layout.vector_axes, (layout.column_axis,))
+
+    counted = map_params(count, params, dimension_numbers)
     for path, (groups, columns) in counted:
         if groups or columns:
             what = ", ".join(

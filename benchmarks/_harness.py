@@ -80,6 +80,20 @@ def interleaved_medians(
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def digits(seed: int = 0) -> tuple[Any, ...]:
+    """scikit-learn's bundled 8x8 digits (no download), scaled to [-0.5, 0.5], shuffled
+    by ``seed`` and split 80/20: ``(x_train, y_train, x_test, y_test)``, int32 labels."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0 - 0.5).astype(np.float32)
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order].astype(np.int32)
+    n = int(0.8 * len(x))
+    return x[:n], y[:n], x[n:], y[n:]
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the flags every benchmark takes; add your own to it."""
     p = argparse.ArgumentParser(description=description)

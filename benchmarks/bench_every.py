@@ -69,17 +69,6 @@ DIMS = {
 }
 
 
-def digits(seed: int = 0) -> tuple[np.ndarray, ...]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0 - 0.5).astype(np.float32)
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[order], y[order].astype(np.int32)
-    n = int(0.8 * len(x))
-    return x[:n], y[:n], x[n:], y[n:]
-
-
 def init(seed: int) -> dict[str, jax.Array]:
     rng = np.random.default_rng(seed)
     sizes = [(64, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 10)]
@@ -143,7 +132,7 @@ def orthogonality(params: dict[str, jax.Array]) -> float:
 
 
 def run(steps: int, seeds: int, reps: int, quick: bool = False) -> dict[str, Any]:
-    data = digits()
+    data = _harness.digits()
     xt, yt = jnp.asarray(data[2]), jnp.asarray(data[3])
     options = QUICK_COMPILER_OPTIONS if quick else None
     runs = {name: trainer(name, steps, data, options) for name in CONFIGS}

@@ -139,18 +139,6 @@ def run_pca(
 # --------------------------------------------------------------------------- digits
 
 
-def digits_data(seed: int = 0) -> tuple[np.ndarray, ...]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0 - 0.5).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    x, y = x[order], y[order]
-    n = int(0.8 * len(x))
-    return x[:n], y[:n], x[n:], y[n:]
-
-
 DIGITS_DIMS = {
     "w1": jop.OrthoDims(),
     "b1": None,
@@ -201,7 +189,7 @@ def digits_optimizer(method: str, lr: float, beta: float = 1e-2) -> optax.Gradie
 def run_digits(
     steps: int = 400, lr: float = 0.1, seed: int = 0, repeats: int = 3
 ) -> dict[str, Any]:
-    xtr, ytr, xte, yte = (jnp.asarray(v) for v in digits_data(seed))
+    xtr, ytr, xte, yte = (jnp.asarray(v) for v in _harness.digits(seed))
 
     def loss(params: Any) -> jax.Array:
         logits = digits_forward(params, xtr)

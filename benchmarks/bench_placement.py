@@ -54,7 +54,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax_orthopenalty as jop
-from benchmarks import _machine
+from benchmarks import _harness, _machine
 
 LEARNING_RATE = 1e-3
 BATCH = 64
@@ -116,17 +116,6 @@ GRID = tuple(
     )
     for beta in betas
 )
-
-
-def digits(seed: int = 0) -> tuple[np.ndarray, ...]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0 - 0.5).astype(np.float32)
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[order], y[order].astype(np.int32)
-    n = int(0.8 * len(x))
-    return x[:n], y[:n], x[n:], y[n:]
 
 
 def init(seed: int) -> dict[str, np.ndarray]:
@@ -234,7 +223,7 @@ def trainer(model: Model, structure: tuple, steps: int, data: tuple[np.ndarray, 
 
 def train(model: Model, configs: tuple[Config, ...], steps: int, seeds: int) -> dict[str, Any]:
     """Every config's median metrics over the seeds, one compile per structure."""
-    data = digits()
+    data = _harness.digits()
     starts = [model.init(s) for s in range(seeds)]
     out: dict[str, Any] = {}
     structures = dict.fromkeys(c.structure for c in configs)
@@ -274,7 +263,7 @@ def gradient_scales(steps: int, seeds: int) -> dict[str, Any]:
     of about lr whatever β), below it the task's. Medians over the seeds, at the start
     and averaged over the run.
     """
-    data = digits()
+    data = _harness.digits()
     x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
     tx = optax.adam(LEARNING_RATE)
 

@@ -307,9 +307,8 @@ def orthogonality_penalty_grad(
       beta: the strength, a Python float or a scalar array.
       vector_axis: the axis or axes of the vectors.
       column_axis: the axis of the columns.
-      norm: ``"l1"``, ``"squared"``, :func:`huber` ``(delta)``, ``"spectral"``,
-        :func:`spectral` ``(...)`` or ``"max"``.
-      subgradient: the kink convention (``"l1"``, and ``"max"``/``"spectral"`` at 0).
+      norm: the norm :math:`f` (see :data:`Norm`).
+      subgradient: the kink convention (see :data:`Subgradient`).
       precision: the matmul precision, ``HIGHEST`` by default.
       off_diagonal: leave the diagonal out.
       normalize: penalise the cosines of unit-norm columns.

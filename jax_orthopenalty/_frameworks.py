@@ -220,9 +220,13 @@ def _what_to_pass(model: Any, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -
     method = kwargs.get("method") or "__call__"
     fn = getattr(model, method) if isinstance(method, str) else method
     try:
-        signature = f"{getattr(fn, '__name__', method)}{inspect.signature(fn)}"
+        sig = inspect.signature(fn)
     except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
         signature = str(method)
+    else:  # the names and kinds, not the annotations
+        bare = [p.replace(annotation=p.empty) for p in sig.parameters.values()]
+        plain = sig.replace(parameters=bare, return_annotation=sig.empty)
+        signature = f"{getattr(fn, '__name__', method)}{plain}"
     given = ", ".join([f"{len(inputs)} input(s)", *(f"{k}=" for k in kwargs)])
     return (
         f"its {type(model).__name__}.{signature} was given {given}. Pass what "

@@ -272,7 +272,7 @@ def _dims_at(roles: list[str], at: tuple[int, ...], shape: tuple[int, ...]) -> O
         # flattened (l, n) matrix: the old column is the vector, the old vector axes
         # (flattened together, as for the vectors) index the columns.
         rows = vectors[0] if len(vectors) == 1 else tuple(vectors)
-        return OrthoDims(column, rows)  # type: ignore[arg-type]  # tuple column_axis
+        return OrthoDims(column, rows)
     vector_axis: int | tuple[int, ...] = vectors[0] if len(vectors) == 1 else tuple(vectors)
     return OrthoDims(vector_axis, -1 if column == len(shape) - 1 else column)
 

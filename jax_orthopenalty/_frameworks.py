@@ -13,19 +13,20 @@ given.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import re
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._framework_table import _PACKAGES, TABLE, Row, layout, markdown_table, skip_why
-from ._select import OrthoDims
 
 __all__ = ["TABLE", "Row", "dimension_numbers_for", "markdown_table", "skip_reasons"]
 
@@ -34,9 +35,11 @@ __all__ = ["TABLE", "Row", "dimension_numbers_for", "markdown_table", "skip_reas
 class _Found:
     """One parameter's layout, or why it has none; ``warn``: the user should hear."""
 
-    dims: OrthoDims | None
+    dims: Any  # OrthoDims | ConvDims | None
     why: str | None = None
     warn: bool = False
+    # (framework, module, parameter name, shape) of a parameter that has a row
+    owner: tuple[str, Any, str, tuple[int, ...]] | None = None
 
 
 _NOT_REACHED = (
@@ -93,8 +96,10 @@ def _found(
         if _known(framework, module):
             return _Found(None, f"{name} {param}: not a weight matrix of its type")
         return _Found(None, f"unknown module type {name}", warn=True)
-    dims = layout(row, module, tuple(jnp.shape(leaf)), where, own)
-    return _Found(dims, None if dims is not None else skip_why(row, module))
+    shape = tuple(jnp.shape(leaf))
+    dims = layout(row, module, shape, where, own)
+    why = None if dims is not None else skip_why(row, module)
+    return _Found(dims, why, owner=(framework, module, param, shape))
 
 
 def _key(k: Any) -> Any:
@@ -309,50 +314,138 @@ def _framework(model: Any) -> str:
     )
 
 
-def _walk(model: Any, params: Any, inputs: tuple[Any, ...], apply_kwargs: dict[str, Any]) -> Any:
+def _walk(
+    model: Any, params: Any, inputs: tuple[Any, ...], apply_kwargs: dict[str, Any], conv: str
+) -> Any:
     """A pytree of ``_Found``, one per parameter, with the structure of the params."""
+    if conv not in ("kernel", "operator"):
+        raise ValueError(
+            f'dimension_numbers_for: `conv` must be "kernel" or "operator", got {conv!r}.'
+        )
     framework = _framework(model)
     if framework == "linen":
-        return _linen(model, params, inputs, apply_kwargs)
-    if params is not None or inputs or apply_kwargs:
+        found = _linen(model, params, inputs, apply_kwargs)
+    elif params is not None or inputs or apply_kwargs:
         raise TypeError(
             f"dimension_numbers_for: an {'equinox' if framework == 'equinox' else 'nnx'} "
             "model holds its parameters: call dimension_numbers_for(model), without "
             "params or inputs."
         )
-    return _equinox(model) if framework == "equinox" else _nnx(model)
+    else:
+        found = _equinox(model) if framework == "equinox" else _nnx(model)
+    return _as_operator(found) if conv == "operator" else found
 
 
 def _is_found(x: Any) -> bool:
     return isinstance(x, _Found)
 
 
-def _warn(model: Any, found: Any) -> None:
-    """One UserWarning for the parameters skipped for a reason the user should hear,
-    and one if nothing at all gets a layout."""
-    entries = jax.tree_util.tree_flatten_with_path(found, is_leaf=_is_found)[0]
-    loud = [(jax.tree_util.keystr(p), f.why) for p, f in entries if f.warn]
-    if loud:
-        listed = "; ".join(f"{path or 'the root'} ({why})" for path, why in loud)
-        warnings.warn(
-            f"dimension_numbers_for: {len(loud)} parameter(s) of the {type(model).__name__} "
-            f"model get no layout (None): {listed}. Give their OrthoDims by hand if they "
-            "should be penalised.",
-            UserWarning,
-            stacklevel=3,
+_SPATIAL = "DHW"
+_KERNEL_PARAM = MappingProxyType({"linen": "kernel", "nnx": "kernel", "equinox": "weight"})
+
+
+def _conv_dims(framework: str, module: Any, shape: tuple[int, ...]) -> Any:
+    """A conv kernel's ``ConvDims``: its layout, stride, dilation and groups, from
+    the module's attributes; ``None`` if a stacked kernel (more axes) or over 3-D."""
+    # ConvDims lives in _select (0.4); looked up there, typed Any, so that this module
+    # imports before it exists.
+    conv_dims = importlib.import_module("._select", __package__).ConvDims
+    if framework == "equinox":
+        rank, stride, dilation, groups = (
+            module.num_spatial_dims,
+            module.stride,
+            module.dilation,
+            module.groups,
         )
+    else:
+        rank = len(_tuple(module.kernel_size))
+        stride, dilation = module.strides or 1, module.kernel_dilation or 1
+        groups = module.feature_group_count
+    if len(shape) != rank + 2 or rank > len(_SPATIAL):
+        return None
+    spatial = _SPATIAL[len(_SPATIAL) - rank :]
+    kernel_layout = "OI" + spatial if framework == "equinox" else spatial + "IO"
+    return conv_dims(
+        kernel_layout=kernel_layout,
+        stride=_int_or_tuple(stride),
+        dilation=_int_or_tuple(dilation),
+        feature_group_count=int(groups),
+    )
+
+
+def _int_or_tuple(x: Any) -> int | tuple[int, ...]:
+    return int(x) if isinstance(x, int) else tuple(int(k) for k in x)
+
+
+def _tuple(x: Any) -> tuple[Any, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _as_operator(found: Any) -> Any:
+    """``conv="operator"``: every Conv kernel's entry becomes its ``ConvDims``; a
+    ConvTranspose (or a stacked conv) keeps its kernel layout, with a warning."""
+
+    def one(f: _Found) -> _Found:
+        if f.owner is None:
+            return f
+        framework, module, param, shape = f.owner
+        if param != _KERNEL_PARAM[framework]:
+            return f
+        if isinstance(module, _classes(framework, ("ConvTranspose",))):
+            why = (
+                f"{type(module).__name__}: operator orthogonality of transposed convs is "
+                "not supported; the kernel layout is kept"
+            )
+            return dataclasses.replace(f, why=why, warn=True)
+        if not isinstance(module, _classes(framework, ("Conv",))):
+            return f
+        dims = _conv_dims(framework, module, shape)
+        if dims is None:
+            why = (
+                f"{type(module).__name__}: a stacked or over-3-D kernel; the kernel layout is kept"
+            )
+            return dataclasses.replace(f, why=why, warn=True)
+        return _Found(dims, None, owner=f.owner)
+
+    return jax.tree.map(one, found, is_leaf=_is_found)
+
+
+def _warn(model: Any, found: Any) -> None:
+    """One UserWarning for the parameters skipped for a reason the user should hear
+    (and the convs whose operator layout could not be given), and one if nothing at
+    all gets a layout."""
+    entries = jax.tree_util.tree_flatten_with_path(found, is_leaf=_is_found)[0]
+    name = type(model).__name__
+    for skipped, what in ((True, "get no layout (None)"), (False, "keep their kernel layout")):
+        loud = [
+            f"{jax.tree_util.keystr(p) or 'the root'} ({f.why})"
+            for p, f in entries
+            if f.warn and (f.dims is None) == skipped
+        ]
+        if loud:
+            warnings.warn(
+                f"dimension_numbers_for: {len(loud)} parameter(s) of the {name} model "
+                f"{what}: {'; '.join(loud)}. Give their layouts by hand if they should "
+                "be penalised otherwise.",
+                UserWarning,
+                stacklevel=3,
+            )
     if all(f.dims is None for _, f in entries):
         warnings.warn(
-            f"dimension_numbers_for: no parameter of the {type(model).__name__} model gets "
-            "a layout, so every transform given these dimension_numbers does nothing; "
-            "jop.skip_reasons(...) says why per parameter.",
+            f"dimension_numbers_for: no parameter of the {name} model gets a layout, so "
+            "every transform given these dimension_numbers does nothing; "
+            "skip_reasons(...) says why per parameter.",
             UserWarning,
             stacklevel=3,
         )
 
 
 def dimension_numbers_for(
-    model: Any, params: Any = None, *inputs: Any, **apply_kwargs: Any
+    model: Any,
+    params: Any = None,
+    *inputs: Any,
+    conv: Literal["kernel", "operator"] = "kernel",
+    **apply_kwargs: Any,
 ) -> Any:
     r"""The layout of every parameter of a flax or equinox model, from its module types.
 
@@ -380,6 +473,11 @@ def dimension_numbers_for(
       *inputs: for linen only: example inputs of ``model.apply`` (arrays or
         ``jax.ShapeDtypeStruct``); traced once under ``jax.eval_shape``, inside a
         size-1 named axis for each axis name its collectives use.
+      conv: ``"kernel"`` (the default): conv kernels get the flattened layout of the
+        table; ``"operator"``: every ``Conv`` kernel gets a ``ConvDims`` with its
+        kernel layout, stride, dilation and groups, for the penalty on the
+        convolution operator (a ``ConvTranspose`` keeps its kernel layout, with a
+        warning: operator orthogonality of transposed convs is not supported).
       **apply_kwargs: for linen only: keyword arguments of ``model.apply``
         (``train=False``, ``method=...``, ``rngs=...``; by default every collection
         but ``params`` is mutable and a ``"dropout"`` stream is given).
@@ -425,12 +523,18 @@ def dimension_numbers_for(
       >>> dims["layers_2"]["kernel"]     # (4, 32), wide: 4 rows of length 32
       OrthoDims(vector_axis=1, column_axis=0)
     """
-    found = _walk(model, params, inputs, apply_kwargs)
+    found = _walk(model, params, inputs, apply_kwargs, conv)
     _warn(model, found)
     return jax.tree.map(lambda f: f.dims, found, is_leaf=_is_found)
 
 
-def skip_reasons(model: Any, params: Any = None, *inputs: Any, **apply_kwargs: Any) -> Any:
+def skip_reasons(
+    model: Any,
+    params: Any = None,
+    *inputs: Any,
+    conv: Literal["kernel", "operator"] = "kernel",
+    **apply_kwargs: Any,
+) -> Any:
     """Why :func:`dimension_numbers_for` gives each parameter no layout.
 
     Takes the same arguments and returns a pytree of the same structure: ``None``
@@ -445,5 +549,5 @@ def skip_reasons(model: Any, params: Any = None, *inputs: Any, **apply_kwargs: A
       >>> reasons.weight is None, reasons.bias
       (True, 'Linear bias: not a weight matrix of its type')
     """
-    found = _walk(model, params, inputs, apply_kwargs)
+    found = _walk(model, params, inputs, apply_kwargs, conv)
     return jax.tree.map(lambda f: f.why, found, is_leaf=_is_found)

@@ -510,3 +510,53 @@ def test_missing_deterministic_says_what_to_pass() -> None:
     assert isinstance(info.value.__cause__, ValueError)
     dims = jop.dimension_numbers_for(Drop(), params, x, deterministic=True)
     assert layouts(dims) == {"['Dense_0']['bias']": None, "['Dense_0']['kernel']": D(0, -1)}
+
+
+# --------------------------------------------------------------------------- conv="operator"
+
+
+@pytest.mark.skipif(not hasattr(jop, "ConvDims"), reason="jop.ConvDims (0.4) not in this tree yet")
+def test_conv_operator_layouts() -> None:
+    """conv="operator": every Conv kernel gets a ConvDims with the module's own stride,
+    dilation and groups; a ConvTranspose keeps its kernel layout, with a warning."""
+    conv_dims = jop.ConvDims  # type: ignore[attr-defined,unused-ignore]
+
+    class Convs(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            y = nn.Conv(4, (3, 3), strides=2, kernel_dilation=(1, 2), name="c")(x)
+            y = nn.Conv(4, (3,), feature_group_count=2, name="g")(y[:, 0])
+            return nn.ConvTranspose(2, (2, 2), name="t")(x) + y.sum()
+
+    x = jnp.ones((1, 8, 8, 2))
+    params = jax.jit(Convs().init)(KEY, x)["params"]
+    with pytest.warns(
+        UserWarning,
+        match=r"keep their kernel layout: \['t'\]\['kernel'\] \(ConvTranspose: operator",
+    ):
+        dims = jop.dimension_numbers_for(Convs(), params, x, conv="operator")
+    assert layouts(dims) == {
+        "['c']['bias']": None,
+        "['c']['kernel']": conv_dims(kernel_layout="HWIO", stride=2, dilation=(1, 2)),
+        "['g']['bias']": None,
+        "['g']['kernel']": conv_dims(
+            kernel_layout="WIO", stride=1, dilation=1, feature_group_count=2
+        ),
+        "['t']['bias']": None,
+        "['t']['kernel']": D((0, 1, 2), -1),
+    }
+
+    class Nnx(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.c = nnx.Conv(2, 4, (3, 3), strides=(2, 1), rngs=rngs)
+
+    nnx_dims = jop.dimension_numbers_for(Nnx(nnx.Rngs(0)), conv="operator")
+    assert nnx_dims["c"]["kernel"] == conv_dims(kernel_layout="HWIO", stride=(2, 1), dilation=1)
+    eqx_conv = eqx.nn.Conv3d(4, 6, 2, stride=2, dilation=1, groups=2, key=KEY)
+    eqx_dims = jop.dimension_numbers_for(eqx_conv, conv="operator")
+    assert eqx_dims.weight == conv_dims(
+        kernel_layout="OIDHW", stride=(2, 2, 2), dilation=(1, 1, 1), feature_group_count=2
+    )
+    assert jop.dimension_numbers_for(eqx_conv).weight is None  # grouped: skipped as a kernel
+    with pytest.raises(ValueError, match=r"`conv` must be \"kernel\" or \"operator\", got 'op'"):
+        jop.dimension_numbers_for(eqx_conv, conv="op")  # type: ignore[arg-type]

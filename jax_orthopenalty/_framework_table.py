@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from ._select import OrthoDims
 
-__all__ = ["TABLE", "Row", "layout", "markdown_table", "own_shape"]
+__all__ = ["PACKAGES", "TABLE", "Row", "layout", "markdown_table", "own_shape", "skip_why"]
 
 # The roles of a parameter's own axes. VECTOR axes are flattened into the vectors;
 # CHANNEL is a vector run the docs name as the columns when the layout is wide
@@ -223,7 +223,7 @@ Rows are tried in order; the first whose class (or a base of the module's class)
 parameter and condition match gives the layout. A parameter no row matches is skipped.
 """
 
-_PACKAGES = MappingProxyType({"linen": "flax.linen", "nnx": "flax.nnx", "equinox": "equinox.nn"})
+PACKAGES = MappingProxyType({"linen": "flax.linen", "nnx": "flax.nnx", "equinox": "equinox.nn"})
 
 
 # --------------------------------------------------------------------------- layouts

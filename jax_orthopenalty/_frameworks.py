@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._framework_table import _PACKAGES, TABLE, Row, layout, markdown_table, skip_why
+from ._framework_table import PACKAGES, TABLE, Row, layout, markdown_table, skip_why
 
 __all__ = ["TABLE", "Row", "dimension_numbers_for", "markdown_table", "skip_reasons"]
 
@@ -49,11 +49,11 @@ _NOT_REACHED = (
 
 
 def _classes(framework: str, names: tuple[str, ...]) -> tuple[type, ...]:
-    package = sys.modules[_PACKAGES[framework]]
+    package = sys.modules[PACKAGES[framework]]
     out = []
     for name in names:
         where, _, attr = name.rpartition(".")
-        owner = sys.modules.get(f"{_PACKAGES[framework]}.{where}") if where else package
+        owner = sys.modules.get(f"{PACKAGES[framework]}.{where}") if where else package
         if owner is not None and hasattr(owner, attr):
             out.append(getattr(owner, attr))
     return tuple(out)

@@ -253,8 +253,11 @@ def _linen(model: Any, params: Any, inputs: tuple[Any, ...], apply_kwargs: dict[
         )
     is_variables = isinstance(params, dict | flax.core.FrozenDict) and "params" in params
     variables = params if is_variables else {"params": params}
-    kwargs = {"mutable": flax.core.DenyList("params"), "rngs": {"dropout": jax.random.key(0)}}
-    kwargs |= apply_kwargs
+    # "params" draws only for other collections (SpectralNorm's u): params are immutable.
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    given = apply_kwargs.get("rngs")
+    rngs |= given if isinstance(given, dict) else {} if given is None else {"params": given}
+    kwargs = {"mutable": flax.core.DenyList("params")} | apply_kwargs | {"rngs": rngs}
     try:
         owners = _trace_linen(model, variables, inputs, kwargs)
     except (flax.errors.ScopeParamNotFoundError, flax.errors.ScopeParamShapeError) as e:
@@ -480,7 +483,8 @@ def dimension_numbers_for(
         warning: operator orthogonality of transposed convs is not supported).
       **apply_kwargs: for linen only: keyword arguments of ``model.apply``
         (``train=False``, ``method=...``, ``rngs=...``; by default every collection
-        but ``params`` is mutable and a ``"dropout"`` stream is given).
+        but ``params`` is mutable, and ``"params"`` and ``"dropout"`` streams are
+        given, to which ``rngs`` adds).
 
     Returns:
       A pytree of :class:`OrthoDims` or ``None`` with the structure of the params the

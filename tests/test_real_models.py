@@ -14,7 +14,6 @@ import re
 from typing import Any
 
 import equinox as eqx
-import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -180,14 +179,13 @@ class Sst2(nn.Module):
 
 
 def test_sst2_optimized_lstm_cell() -> None:
+    """The "lstm" stream needs no rngs=: the trace gives a "params" stream, from which
+    flax draws any stream it is not given (the values do not matter to shapes)."""
     model, tokens = Sst2(), jnp.zeros((2, 3), jnp.int32)
     params = jax.jit(lambda: model.init({"params": KEY, "lstm": KEY}, tokens))()["params"]
-    with pytest.raises(
-        TypeError, match=r"InvalidRngError: .*needs PRNG for \"lstm\".*rngs="
-    ) as info:
-        jop.dimension_numbers_for(model, params, tokens)
-    assert isinstance(info.value.__cause__, flax.errors.InvalidRngError)
-    dims = jop.dimension_numbers_for(model, params, tokens, rngs={"lstm": KEY})
+    dims = jop.dimension_numbers_for(model, params, tokens)
+    same = jop.dimension_numbers_for(model, params, tokens, rngs={"lstm": KEY})
+    assert layouts(same) == layouts(dims)
     cell = "['OptimizedLSTMCell_0']"  # made by the model, run inside nn.RNN's scan
     expected: dict[str, Any] = {"['Dense_0']['bias']": None, "['Dense_0']['kernel']": D(0, -1)}
     expected["['Embed_0']['embedding']"] = None
@@ -303,6 +301,30 @@ def test_dcgan_wide_stems_are_the_flattened_rows() -> None:
         np.testing.assert_allclose(float(got), expected, rtol=1e-4)
     recipe_step(params, flax_dims)
     recipe_step(eqx.filter(conv, eqx.is_array), eqx_dims)
+
+
+class SnDiscriminator(nn.Module):
+    """An SN-GAN discriminator head: a spectrally normalised conv and Dense."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.SpectralNorm(nn.Conv(8, (3, 3), name="conv"))(x, update_stats=train)
+        return nn.SpectralNorm(nn.Dense(1, name="logit"))(x.mean((1, 2)), update_stats=train)
+
+
+def test_linen_spectral_norm_penalises_the_raw_weight() -> None:
+    """The power iteration's u and sigma (batch_stats, drawn from "params" when
+    missing) need no rngs from the user; the raw kernels get their layouts."""
+    model, x = SnDiscriminator(), jnp.ones((1, 6, 6, 2))
+    variables = jax.jit(model.init)(KEY, x)
+    dims = jop.dimension_numbers_for(model, variables["params"], x)
+    assert layouts(dims) == {
+        "['conv']['bias']": None,
+        "['conv']['kernel']": D((0, 1, 2), -1),
+        "['logit']['bias']": None,
+        "['logit']['kernel']": D(0, -1),
+    }
+    recipe_step(variables["params"], dims)
 
 
 # --------------------------------------------------------------------------- ensembles

@@ -347,11 +347,22 @@ _SPATIAL = "DHW"
 _KERNEL_PARAM = MappingProxyType({"linen": "kernel", "nnx": "kernel", "equinox": "weight"})
 
 
-def _conv_dims(framework: str, module: Any, shape: tuple[int, ...]) -> Any:
+def _leading_stack(dims: Any, ndim: int, rank: int) -> bool:
+    """Whether a kernel of ``ndim`` axes has its own ``rank`` axes last (any stacked
+    axes lead, as ``ConvDims`` takes them), by its kernel layout ``dims``."""
+    extra = ndim - rank
+    if extra == 0:
+        return True
+    if dims is None:
+        return False
+    axes = [*_tuple(dims.vector_axis), *_tuple(dims.column_axis)]
+    return all(a % ndim >= extra for a in axes)
+
+
+def _conv_dims(framework: str, module: Any, shape: tuple[int, ...], kernel: Any) -> Any:
     """A conv kernel's ``ConvDims``: its layout, stride, dilation and groups, from
-    the module's attributes; ``None`` if a stacked kernel (more axes) or over 3-D."""
-    # ConvDims lives in _select (0.4); looked up there, typed Any, so that this module
-    # imports before it exists.
+    the module's attributes; ``None`` if stacked axes do not lead, or over 3-D."""
+    # ConvDims lives in _select (0.4): looked up when asked for, typed Any.
     conv_dims = importlib.import_module("._select", __package__).ConvDims
     if framework == "equinox":
         rank, stride, dilation, groups = (
@@ -364,7 +375,7 @@ def _conv_dims(framework: str, module: Any, shape: tuple[int, ...]) -> Any:
         rank = len(_tuple(module.kernel_size))
         stride, dilation = module.strides or 1, module.kernel_dilation or 1
         groups = module.feature_group_count
-    if len(shape) != rank + 2 or rank > len(_SPATIAL):
+    if rank > len(_SPATIAL) or not _leading_stack(kernel, len(shape), rank + 2):
         return None
     spatial = _SPATIAL[len(_SPATIAL) - rank :]
     kernel_layout = "OI" + spatial if framework == "equinox" else spatial + "IO"
@@ -402,10 +413,11 @@ def _as_operator(found: Any) -> Any:
             return dataclasses.replace(f, why=why, warn=True)
         if not isinstance(module, _classes(framework, ("Conv",))):
             return f
-        dims = _conv_dims(framework, module, shape)
+        dims = _conv_dims(framework, module, shape, f.dims)
         if dims is None:
             why = (
-                f"{type(module).__name__}: a stacked or over-3-D kernel; the kernel layout is kept"
+                f"{type(module).__name__}: stacked axes that do not lead, or over 3 "
+                "spatial axes: no ConvDims; the kernel layout is kept"
             )
             return dataclasses.replace(f, why=why, warn=True)
         return _Found(dims, None, owner=f.owner)

@@ -32,7 +32,7 @@ D = jop.OrthoDims
 
 
 def _is_dims(x: object) -> bool:
-    return x is None or isinstance(x, jop.OrthoDims)
+    return x is None or isinstance(x, (jop.OrthoDims, getattr(jop, "ConvDims", jop.OrthoDims)))
 
 
 def layouts(dims: Any) -> dict[str, jop.OrthoDims | None]:
@@ -567,6 +567,7 @@ def test_conv_operator_layouts() -> None:
         "['t']['bias']": None,
         "['t']['kernel']": D((0, 1, 2), -1),
     }
+    recipe_step(params, dims)  # the operator penalty on c and g, the kernel one on t
 
     class Nnx(nnx.Module):
         def __init__(self, rngs: nnx.Rngs) -> None:
@@ -579,6 +580,11 @@ def test_conv_operator_layouts() -> None:
     assert eqx_dims.weight == conv_dims(
         kernel_layout="OIDHW", stride=(2, 2, 2), dilation=(1, 1, 1), feature_group_count=2
     )
-    assert jop.dimension_numbers_for(eqx_conv).weight is None  # grouped: skipped as a kernel
+    with pytest.warns(UserWarning, match="no parameter of the Conv3d model gets a layout"):
+        assert jop.dimension_numbers_for(eqx_conv).weight is None  # grouped: no kernel layout
+    # Stacked by eqx.filter_vmap (a leading axis): stacked operators.
+    stack = eqx.filter_vmap(lambda k: eqx.nn.Conv1d(2, 3, 3, key=k))(jax.random.split(KEY, 4))
+    stacked = jop.dimension_numbers_for(stack, conv="operator")
+    assert stacked.weight == conv_dims(kernel_layout="OIW", stride=(1,), dilation=(1,))
     with pytest.raises(ValueError, match=r"`conv` must be \"kernel\" or \"operator\", got 'op'"):
         jop.dimension_numbers_for(eqx_conv, conv="op")  # type: ignore[arg-type]

@@ -1,11 +1,9 @@
 r"""Layouts from module types: :func:`dimension_numbers_for` for flax and equinox models.
 
-Which axes of a parameter are its vectors, which its columns, follows from the module
-that owns it, not from its name or shape: a flax ``Dense`` kernel is ``(in, out)``, an
-equinox ``Linear`` weight ``(out, in)``, a conv kernel has spatial axes, a
-``DenseGeneral`` has head axes. :data:`TABLE` holds one row per module type (the docs
-page prints it), and :func:`dimension_numbers_for` walks a model's module tree and
-gives each parameter the layout of its owner's row.
+The walkers: each finds, for every parameter of a model, the module that owns it (an
+equinox Module's pytree, nnx's graph, or a linen model's modules recorded with
+``nn.intercept_methods`` during one abstract ``apply``), and gives it the layout of its
+row in :data:`TABLE` (``_framework_table.py``), or the reason it gets none.
 
 flax and equinox stay optional: neither is imported here. A model of theirs means the
 framework is loaded, so its classes are looked up in ``sys.modules`` when a model is
@@ -14,173 +12,58 @@ given.
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import importlib
+import inspect
+import re
 import sys
+import warnings
 from collections.abc import Callable
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from ._select import OrthoDims
+from ._framework_table import PACKAGES, TABLE, Row, layout, markdown_table, skip_why
 
-__all__ = ["TABLE", "Row", "dimension_numbers_for", "markdown_table"]
-
-# The roles of a parameter's own axes. VECTOR axes are flattened into the vectors;
-# CHANNEL is the vector run whose last axis becomes the columns when the layout is
-# wide (n > l); COLUMN is the run whose last axis indexes the columns (its other
-# axes are groups); GROUP axes are groups.
-VECTOR, CHANNEL, COLUMN, GROUP = "vector", "channel", "column", "group"
+__all__ = ["TABLE", "Row", "dimension_numbers_for", "markdown_table", "skip_reasons"]
 
 
-class Row(NamedTuple):
-    """One module type's layout: the data the docs table prints.
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    """One parameter's layout, or why it has none; ``warn``: the user should hear."""
 
-    Attributes:
-      framework: ``"linen"``, ``"nnx"`` or ``"equinox"``.
-      modules: the class names, looked up in ``flax.linen``, ``flax.nnx`` or
-        ``equinox.nn`` (a name missing there is left out); subclasses match too.
-      param: the name of the parameter (the attribute, or the key in linen's params);
-        ``"*"`` for every parameter of the module.
-      axes: the parameter's own axes as runs ``(name, role)``, in order; a name that
-        starts with ``*`` is a run of ``sizes(module)[name]`` axes. Empty: skipped.
-      sizes: the lengths of the starred runs, from the module's attributes.
-      when: the condition on the module's attributes under which the row applies, as
-        the docs print it, and as a predicate; ``None``: always.
-    """
-
-    framework: str
-    modules: tuple[str, ...]
-    param: str
-    axes: tuple[tuple[str, str], ...] = ()
-    sizes: Callable[[Any], dict[str, int]] | None = None
-    when: tuple[str, Callable[[Any], bool]] | None = None
+    dims: Any  # OrthoDims | ConvDims | None
+    why: str | None = None
+    warn: bool = False
+    # (framework, module, parameter name, shape) of a parameter that has a row
+    owner: tuple[str, Any, str, tuple[int, ...]] | None = None
 
 
-def _tuple(x: Any) -> tuple[Any, ...]:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _spatial(attr: str) -> Callable[[Any], dict[str, int]]:
-    return lambda m: {"*spatial": len(_tuple(getattr(m, attr)))}
-
-
-def _grouped(attr: str) -> tuple[str, Callable[[Any], bool]]:
-    return (f"{attr} > 1", lambda m: getattr(m, attr) != 1)
-
-
-def _transposed() -> tuple[str, Callable[[Any], bool]]:
-    return ("transpose_kernel=True", lambda m: bool(m.transpose_kernel))
-
-
-_IN_OUT = (("in", CHANNEL), ("out", COLUMN))
-_HWIO = (("*spatial", VECTOR), ("in", CHANNEL), ("out", COLUMN))
-_HWOI = (("*spatial", VECTOR), ("out", COLUMN), ("in", CHANNEL))
-_OIHW = (("out", COLUMN), ("in", CHANNEL), ("*spatial", VECTOR))
-_GENERAL = (("*batch", GROUP), ("*in", CHANNEL), ("*out", COLUMN))
-_NORMS = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm", "InstanceNorm")
-
-TABLE: tuple[Row, ...] = (
-    Row("linen", ("Dense",), "kernel", _IN_OUT),
-    Row(
-        "linen",
-        ("DenseGeneral",),
-        "kernel",
-        _GENERAL,
-        lambda m: {
-            "*batch": len(_tuple(m.batch_dims)),
-            "*in": len(_tuple(m.axis)),
-            "*out": len(_tuple(m.features)),
-        },
-    ),
-    Row("linen", ("Conv",), "kernel", when=_grouped("feature_group_count")),
-    Row("linen", ("ConvTranspose",), "kernel", _HWOI, _spatial("kernel_size"), _transposed()),
-    Row("linen", ("Conv", "ConvTranspose"), "kernel", _HWIO, _spatial("kernel_size")),
-    Row("linen", ("Embed",), "embedding"),
-    Row("linen", _NORMS, "*"),
-    Row("nnx", ("Linear",), "kernel", _IN_OUT),
-    Row(
-        "nnx",
-        ("LinearGeneral",),
-        "kernel",
-        _GENERAL,
-        lambda m: {
-            "*batch": len(m.batch_axis),
-            "*in": len(m.in_features),
-            "*out": len(m.out_features),
-        },
-    ),
-    Row("nnx", ("Conv",), "kernel", when=_grouped("feature_group_count")),
-    Row("nnx", ("ConvTranspose",), "kernel", _HWOI, _spatial("kernel_size"), _transposed()),
-    Row("nnx", ("Conv", "ConvTranspose"), "kernel", _HWIO, _spatial("kernel_size")),
-    Row("nnx", ("Embed",), "embedding"),
-    Row("nnx", _NORMS, "*"),
-    Row("equinox", ("Linear",), "weight", (("out", COLUMN), ("in", CHANNEL))),
-    Row("equinox", ("Conv", "ConvTranspose"), "weight", when=_grouped("groups")),
-    Row(
-        "equinox",
-        ("Conv", "ConvTranspose"),
-        "weight",
-        _OIHW,
-        lambda m: {"*spatial": m.num_spatial_dims},
-    ),
-    Row("equinox", ("Embedding",), "weight"),
-    Row("equinox", _NORMS[:4], "*"),
+_NOT_REACHED = (
+    "no module owning it ran in the traced call (a branch not taken, such as a head "
+    "used only with train=True, or a module reached only by another method=)"
 )
-"""Module type -> layout, one row each; :func:`markdown_table` prints it for the docs.
-
-Rows are tried in order; the first whose class (or a base of the module's class),
-parameter and condition match gives the layout. A parameter no row matches is skipped.
-"""
-
-_PACKAGES = MappingProxyType({"linen": "flax.linen", "nnx": "flax.nnx", "equinox": "equinox.nn"})
 
 
-# --------------------------------------------------------------------------- layouts
-
-
-def _roles(row: Row, module: Any) -> list[tuple[str, bool]]:
-    """The role of each of the parameter's own axes, and whether it ends its run."""
-    sizes = row.sizes(module) if row.sizes is not None else {}
-    roles: list[tuple[str, bool]] = []
-    for name, role in row.axes:
-        count = sizes[name] if name.startswith("*") else 1
-        roles += [(role, k == count - 1) for k in range(count)]
-    return roles
-
-
-def _layout(row: Row, module: Any, shape: tuple[int, ...], where: str) -> OrthoDims | None:
-    """The :class:`OrthoDims` of a parameter of ``shape``, by ``row``; leading axes
-    beyond the row's own (a stack of layers) are groups."""
-    if not row.axes:
-        return None
-    roles = _roles(row, module)
-    extra = len(shape) - len(roles)
-    if extra < 0:
-        names = ", ".join(name for name, _ in row.axes)
-        raise ValueError(
-            f"dimension_numbers_for: the parameter at {where} has shape {shape}, but a "
-            f"{type(module).__name__}'s {row.param!r} has {len(roles)} axes ({names})."
-        )
-    vectors = [extra + k for k, (role, _) in enumerate(roles) if role in (VECTOR, CHANNEL)]
-    column = next(extra + k for k, (role, last) in enumerate(roles) if role == COLUMN and last)
-    if shape[column] > math.prod(shape[a] for a in vectors):
-        # Wide: more columns than the vectors' length, so orthonormal rows instead.
-        # The old column is the vector; the last channel axis indexes the columns;
-        # any other vector axes (a conv's spatial axes) become groups.
-        channel = max(extra + k for k, (role, _) in enumerate(roles) if role == CHANNEL)
-        vectors, column = [column], channel
-    vector_axis: int | tuple[int, ...] = vectors[0] if len(vectors) == 1 else tuple(vectors)
-    return OrthoDims(vector_axis, -1 if column == len(shape) - 1 else column)
+def _classes(framework: str, names: tuple[str, ...]) -> tuple[type, ...]:
+    package = sys.modules[PACKAGES[framework]]
+    out = []
+    for name in names:
+        where, _, attr = name.rpartition(".")
+        owner = sys.modules.get(f"{PACKAGES[framework]}.{where}") if where else package
+        if owner is not None and hasattr(owner, attr):
+            out.append(getattr(owner, attr))
+    return tuple(out)
 
 
 def _row_for(framework: str, module: Any, param: str) -> Row | None:
-    package = sys.modules[_PACKAGES[framework]]
     for row in TABLE:
-        classes = tuple(getattr(package, name) for name in row.modules if hasattr(package, name))
         if (
             row.framework == framework
-            and isinstance(module, classes)
+            and isinstance(module, _classes(framework, row.modules))
             and row.param in ("*", param)
             and (row.when is None or row.when[1](module))
         ):
@@ -188,11 +71,35 @@ def _row_for(framework: str, module: Any, param: str) -> Row | None:
     return None
 
 
-def _dims(framework: str, module: Any, param: str, leaf: Any, where: str) -> OrthoDims | None:
+def _known(framework: str, module: Any) -> bool:
+    """Whether ``module``'s type has a row (for some parameter) in the table."""
+    return any(
+        row.framework == framework and isinstance(module, _classes(framework, row.modules))
+        for row in TABLE
+    )
+
+
+def _found(
+    framework: str,
+    module: Any,
+    param: str,
+    leaf: Any,
+    where: str,
+    own: tuple[int | None, ...] | None = None,
+) -> _Found:
+    """The layout of ``module``'s parameter ``param``, or why it has none."""
     if module is None:
-        return None
+        return _Found(None, _NOT_REACHED, warn=True)
+    name = type(module).__name__
     row = _row_for(framework, module, param)
-    return None if row is None else _layout(row, module, tuple(leaf.shape), where)
+    if row is None:
+        if _known(framework, module):
+            return _Found(None, f"{name} {param}: not a weight matrix of its type")
+        return _Found(None, f"unknown module type {name}", warn=True)
+    shape = tuple(jnp.shape(leaf))
+    dims = layout(row, module, shape, where, own)
+    why = None if dims is not None else skip_why(row, module)
+    return _Found(dims, why, owner=(framework, module, param, shape))
 
 
 def _key(k: Any) -> Any:
@@ -203,7 +110,7 @@ def _key(k: Any) -> Any:
     return k
 
 
-# --------------------------------------------------------------------------- frameworks
+# --------------------------------------------------------------------------- equinox
 
 
 def _equinox(model: Any) -> Any:
@@ -218,16 +125,24 @@ def _equinox(model: Any) -> Any:
         for path, child in jax.tree_util.tree_flatten_with_path(module, is_leaf=inner)[0]:
             if isinstance(child, eqx.Module) and child is not module:
                 walk(child, prefix + path)
-            elif len(path) == 1:  # an attribute of this module
+            else:  # in an attribute of this module (an array, or a container of them)
                 owners[prefix + path] = (module, str(_key(path[0])))
 
     walk(model, ())
 
-    def one(path: tuple[Any, ...], leaf: Any) -> OrthoDims | None:
+    def one(path: tuple[Any, ...], leaf: Any) -> _Found:
         module, name = owners.get(path, (None, ""))
-        return _dims("equinox", module, name, leaf, jax.tree_util.keystr(path))
+        return _found("equinox", module, name, leaf, jax.tree_util.keystr(path))
 
-    return jax.tree_util.tree_map_with_path(one, eqx.filter(model, eqx.is_array))
+    return jax.tree_util.tree_map_with_path(one, eqx.filter(model, _is_array_like))
+
+
+def _is_array_like(x: Any) -> bool:
+    """An array, or an abstract one (``eqx.filter_eval_shape``, ``jax.eval_shape``)."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+# --------------------------------------------------------------------------- nnx
 
 
 def _nnx(model: Any) -> Any:
@@ -235,19 +150,101 @@ def _nnx(model: Any) -> Any:
 
     modules = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
 
-    def one(path: tuple[Any, ...], leaf: Any) -> OrthoDims | None:
+    def one(path: tuple[Any, ...], leaf: Any) -> _Found:
         keys = tuple(_key(k) for k in path)
         module = modules.get(keys[:-1])
-        return _dims("nnx", module, str(keys[-1]), leaf, jax.tree_util.keystr(path))
+        return _found("nnx", module, str(keys[-1]), leaf, jax.tree_util.keystr(path))
 
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+# --------------------------------------------------------------------------- linen
+
+
+_Owners = dict[tuple[str, ...], list[tuple[Any, dict[str, tuple[int, ...]]]]]
+
+
+def _recorder(owners: _Owners) -> Callable[..., Any]:
+    """An ``nn.intercept_methods`` interceptor recording each module that runs and the
+    shapes of its own params as it sees them (inside ``nn.vmap``/``nn.scan``: one
+    member's, so a stacked axis is found wherever it sits)."""
+    import flax.linen as nn
+
+    def record(next_fun: Any, args: Any, kw: Any, context: Any) -> Any:
+        out = next_fun(*args, **kw)
+        module = context.module
+        if module.scope is None:
+            return out
+        mine = nn.meta.unbox(module.variables).get("params", {})
+        own = {k: tuple(jnp.shape(v)) for k, v in mine.items() if hasattr(v, "shape")}
+        if isinstance(module, nn.Einsum) and module.einsum_str is None:
+            if context.method_name != "__call__":
+                return out
+            # The equation given at call time.
+            spec = kw.get("einsum_str", args[1] if len(args) > 1 else None)
+            module = module.clone(parent=None, einsum_str=spec)
+        owners.setdefault(tuple(context.module.scope.path), []).append((module, own))
+        return out
+
+    return record
+
+
+def _under_axes(fn: Callable[[], Any], names: list[Any]) -> Any:
+    """``fn()`` inside a size-1 ``jax.vmap`` per axis name, so that the collectives of a
+    data-parallel model (``BatchNorm(axis_name=...)``, ``lax.pmean``) find their axis."""
+    for name in names:
+        fn = (lambda f, n: lambda: jax.vmap(lambda _: f(), axis_name=n)(jnp.zeros(1)))(fn, name)
+    return fn()
+
+
+def _trace_linen(model: Any, variables: Any, inputs: tuple[Any, ...], kwargs: Any) -> _Owners:
+    """The modules that run in ``model.apply(variables, *inputs, **kwargs)``, by path."""
+    import flax.linen as nn
+
+    names: list[Any] = []
+    while True:
+        owners: _Owners = {}
+        try:
+            with nn.intercept_methods(_recorder(owners)):
+                jax.eval_shape(
+                    lambda v, a: _under_axes(lambda: model.apply(v, *a, **kwargs), names),
+                    variables,
+                    inputs,
+                )
+            return owners
+        except NameError as e:  # a collective over an axis the trace has not bound
+            # jax says "unbound axis name: N" or "Found an unbound axis name: N. To fix ..."
+            found = re.search(r"unbound axis name: (.+?)(?:\. |$)", str(e))
+            if found is None or found.group(1) in names or len(names) > 8:
+                raise
+            names.append(found.group(1))
+
+
+def _what_to_pass(model: Any, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    method = kwargs.get("method") or "__call__"
+    fn = getattr(model, method) if isinstance(method, str) else method
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        signature = str(method)
+    else:  # the names and kinds, not the annotations
+        bare = [p.replace(annotation=p.empty) for p in sig.parameters.values()]
+        plain = sig.replace(parameters=bare, return_annotation=sig.empty)
+        signature = f"{getattr(fn, '__name__', method)}{plain}"
+    given = ", ".join([f"{len(inputs)} input(s)", *(f"{k}=" for k in kwargs)])
+    return (
+        f"its {type(model).__name__}.{signature} was given {given}. Pass what "
+        "model.apply needs after the params: the example inputs "
+        "(dimension_numbers_for(model, params, x, ...)), the keyword arguments its "
+        "call requires (train=False, deterministic=True, ...), and "
+        "rngs={'name': jax.random.key(0), ...} for every random stream it draws"
+    )
+
+
 def _linen(model: Any, params: Any, inputs: tuple[Any, ...], apply_kwargs: dict[str, Any]) -> Any:
     import flax.core  # loaded already: the model is one of its Modules
     import flax.errors
-    import flax.linen as nn
 
     if params is None:
         raise TypeError(
@@ -256,38 +253,52 @@ def _linen(model: Any, params: Any, inputs: tuple[Any, ...], apply_kwargs: dict[
         )
     is_variables = isinstance(params, dict | flax.core.FrozenDict) and "params" in params
     variables = params if is_variables else {"params": params}
-    modules: dict[tuple[str, ...], list[Any]] = {}
-
-    def record(next_fun: Any, args: Any, kw: Any, context: Any) -> Any:
-        module = context.module
-        if module.scope is not None:
-            modules.setdefault(tuple(module.scope.path), []).append(module)
-        return next_fun(*args, **kw)
-
-    kwargs = {"mutable": flax.core.DenyList("params"), "rngs": {"dropout": jax.random.key(0)}}
-    kwargs |= apply_kwargs
+    # "params" draws only for other collections (SpectralNorm's u): params are immutable.
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    given = apply_kwargs.get("rngs")
+    rngs |= given if isinstance(given, dict) else {} if given is None else {"params": given}
+    kwargs = {"mutable": flax.core.DenyList("params")} | apply_kwargs | {"rngs": rngs}
     try:
-        with nn.intercept_methods(record):
-            jax.eval_shape(lambda v, a: model.apply(v, *a, **kwargs), variables, inputs)
+        owners = _trace_linen(model, variables, inputs, kwargs)
     except (flax.errors.ScopeParamNotFoundError, flax.errors.ScopeParamShapeError) as e:
         raise TypeError(
             f"dimension_numbers_for: the params do not match the {type(model).__name__} model: {e}"
         ) from e
+    except (TypeError, ValueError, flax.errors.FlaxError) as e:
+        raise TypeError(
+            f"dimension_numbers_for: tracing the {type(model).__name__} model failed "
+            f"({type(e).__name__}: {e}); {_what_to_pass(model, inputs, apply_kwargs)}."
+        ) from e
+    return _linen_layouts(owners, params, is_variables)
 
-    def one(path: tuple[Any, ...], leaf: Any) -> OrthoDims | None:
+
+def _linen_layouts(owners: _Owners, params: Any, is_variables: bool) -> Any:
+    """Every leaf's layout from the recorded ``owners``; a box (``nn.Partitioned``,
+    ``nn.LogicallyPartitioned``) keeps its place and metadata, its value the layout."""
+    from flax.core import meta
+
+    def one(path: tuple[Any, ...], leaf: Any) -> Any:
+        if isinstance(leaf, meta.AxisMetadata):
+            return leaf.replace_boxed(one(path, leaf.unbox()))
         keys = tuple(str(_key(k)) for k in path)
         if is_variables:
             if keys[0] != "params":
-                return None
+                return _Found(None, f"in the {keys[0]!r} collection, not a parameter")
             keys = keys[1:]
         where = jax.tree_util.keystr(path)
-        for module in modules.get(keys[:-1], []):
-            row = _row_for("linen", module, keys[-1])
-            if row is not None:
-                return _layout(row, module, tuple(leaf.shape), where)
-        return None
+        candidates = owners.get(keys[:-1], [])
+        for module, own in candidates:
+            if _row_for("linen", module, keys[-1]) is not None:
+                return _found("linen", module, keys[-1], leaf, where, own.get(keys[-1]))
+        module = candidates[0][0] if candidates else None
+        return _found("linen", module, keys[-1], leaf, where)
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree_util.tree_map_with_path(
+        one, params, is_leaf=lambda x: isinstance(x, meta.AxisMetadata)
+    )
+
+
+# --------------------------------------------------------------------------- public
 
 
 def _framework(model: Any) -> str:
@@ -306,81 +317,199 @@ def _framework(model: Any) -> str:
     )
 
 
-# --------------------------------------------------------------------------- public
+def _walk(
+    model: Any, params: Any, inputs: tuple[Any, ...], apply_kwargs: dict[str, Any], conv: str
+) -> Any:
+    """A pytree of ``_Found``, one per parameter, with the structure of the params."""
+    if conv not in ("kernel", "operator"):
+        raise ValueError(
+            f'dimension_numbers_for: `conv` must be "kernel" or "operator", got {conv!r}.'
+        )
+    framework = _framework(model)
+    if framework == "linen":
+        found = _linen(model, params, inputs, apply_kwargs)
+    elif params is not None or inputs or apply_kwargs:
+        raise TypeError(
+            f"dimension_numbers_for: an {'equinox' if framework == 'equinox' else 'nnx'} "
+            "model holds its parameters: call dimension_numbers_for(model), without "
+            "params or inputs."
+        )
+    else:
+        found = _equinox(model) if framework == "equinox" else _nnx(model)
+    return _as_operator(found) if conv == "operator" else found
+
+
+def _is_found(x: Any) -> bool:
+    return isinstance(x, _Found)
+
+
+_SPATIAL = "DHW"
+_KERNEL_PARAM = MappingProxyType({"linen": "kernel", "nnx": "kernel", "equinox": "weight"})
+
+
+def _leading_stack(dims: Any, ndim: int, rank: int) -> bool:
+    """Whether a kernel of ``ndim`` axes has its own ``rank`` axes last (any stacked
+    axes lead, as ``ConvDims`` takes them), by its kernel layout ``dims``."""
+    extra = ndim - rank
+    if extra == 0:
+        return True
+    if dims is None:
+        return False
+    axes = [*_tuple(dims.vector_axis), *_tuple(dims.column_axis)]
+    return all(a % ndim >= extra for a in axes)
+
+
+def _conv_dims(framework: str, module: Any, shape: tuple[int, ...], kernel: Any) -> Any:
+    """A conv kernel's ``ConvDims``: its layout, stride, dilation and groups, from
+    the module's attributes; ``None`` if stacked axes do not lead, or over 3-D."""
+    # ConvDims lives in _select (0.4): looked up when asked for, typed Any.
+    conv_dims = importlib.import_module("._select", __package__).ConvDims
+    if framework == "equinox":
+        rank, stride, dilation, groups = (
+            module.num_spatial_dims,
+            module.stride,
+            module.dilation,
+            module.groups,
+        )
+    else:
+        rank = len(_tuple(module.kernel_size))
+        stride, dilation = module.strides or 1, module.kernel_dilation or 1
+        groups = module.feature_group_count
+    if rank > len(_SPATIAL) or not _leading_stack(kernel, len(shape), rank + 2):
+        return None
+    spatial = _SPATIAL[len(_SPATIAL) - rank :]
+    kernel_layout = "OI" + spatial if framework == "equinox" else spatial + "IO"
+    return conv_dims(
+        kernel_layout=kernel_layout,
+        stride=_int_or_tuple(stride),
+        dilation=_int_or_tuple(dilation),
+        feature_group_count=int(groups),
+    )
+
+
+def _int_or_tuple(x: Any) -> int | tuple[int, ...]:
+    return int(x) if isinstance(x, int) else tuple(int(k) for k in x)
+
+
+def _tuple(x: Any) -> tuple[Any, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _as_operator(found: Any) -> Any:
+    """``conv="operator"``: every Conv kernel's entry becomes its ``ConvDims``; a
+    ConvTranspose (or a stacked conv) keeps its kernel layout, with a warning."""
+
+    def one(f: _Found) -> _Found:
+        if f.owner is None:
+            return f
+        framework, module, param, shape = f.owner
+        if param != _KERNEL_PARAM[framework]:
+            return f
+        if isinstance(module, _classes(framework, ("ConvTranspose",))):
+            why = (
+                f"{type(module).__name__}: operator orthogonality of transposed convs is "
+                "not supported; the kernel layout is kept"
+            )
+            return dataclasses.replace(f, why=why, warn=True)
+        if not isinstance(module, _classes(framework, ("Conv",))):
+            return f
+        dims = _conv_dims(framework, module, shape, f.dims)
+        if dims is None:
+            why = (
+                f"{type(module).__name__}: stacked axes that do not lead, or over 3 "
+                "spatial axes: no ConvDims; the kernel layout is kept"
+            )
+            return dataclasses.replace(f, why=why, warn=True)
+        return _Found(dims, None, owner=f.owner)
+
+    return jax.tree.map(one, found, is_leaf=_is_found)
+
+
+def _warn(model: Any, found: Any) -> None:
+    """One UserWarning for the parameters skipped for a reason the user should hear
+    (and the convs whose operator layout could not be given), and one if nothing at
+    all gets a layout."""
+    entries = jax.tree_util.tree_flatten_with_path(found, is_leaf=_is_found)[0]
+    name = type(model).__name__
+    for skipped, what in ((True, "get no layout (None)"), (False, "keep their kernel layout")):
+        loud = [
+            f"{jax.tree_util.keystr(p) or 'the root'} ({f.why})"
+            for p, f in entries
+            if f.warn and (f.dims is None) == skipped
+        ]
+        if loud:
+            warnings.warn(
+                f"dimension_numbers_for: {len(loud)} parameter(s) of the {name} model "
+                f"{what}: {'; '.join(loud)}. Give their layouts by hand if they should "
+                "be penalised otherwise.",
+                UserWarning,
+                stacklevel=3,
+            )
+    if all(f.dims is None for _, f in entries):
+        warnings.warn(
+            f"dimension_numbers_for: no parameter of the {name} model gets a layout, so "
+            "every transform given these dimension_numbers does nothing; "
+            "skip_reasons(...) says why per parameter.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def dimension_numbers_for(
-    model: Any, params: Any = None, *inputs: Any, **apply_kwargs: Any
+    model: Any,
+    params: Any = None,
+    *inputs: Any,
+    conv: Literal["kernel", "operator"] = "kernel",
+    **apply_kwargs: Any,
 ) -> Any:
     r"""The layout of every parameter of a flax or equinox model, from its module types.
 
-    Gives each parameter the :class:`OrthoDims` that makes the penalty, landing and
-    projection constrain what the user means: the weight vectors of the output units,
-    one group per layer of a stack. For a parameter of rank ``r`` with groups
-    :math:`\Phi_i` of size :math:`l \times n`,
+    Each parameter gets the :class:`OrthoDims` of its module type's row in the table
+    of the *Layouts* page (printed from the same data): the columns are the output
+    units, their vectors the contracted (input, spatial) axes, and every other axis a
+    group: heads, a per-position axis, the layers of a stack (``nn.scan``,
+    ``nn.vmap``, ``nnx.vmap``, ``eqx.filter_vmap``, wherever the stacked axis sits).
+    Wide (:math:`n > l`), the rows of the flattened :math:`l \times n` matrix instead:
 
     .. math::
 
         \Phi_i^\top \Phi_i = I_n \quad (n \le l), \qquad
-        \Phi_i \Phi_i^\top = I_l \quad (n > l:\ \text{the rows instead}).
+        \Phi_i \Phi_i^\top = I_l \quad (n > l).
 
-    The layouts, per module type (the table in the docs' *Layouts* page is printed
-    from the same data, :data:`TABLE`):
-
-    * ``Dense``/``Linear``: the columns are the output units; flax's ``(in, out)``
-      kernel is the default layout, equinox's ``(out, in)`` weight has the vectors on
-      the last axis.
-    * ``Conv``/``ConvTranspose``, any spatial rank: one column per output channel, its
-      vector the spatial and input axes flattened (flax ``(*spatial, in, out)``,
-      or ``(*spatial, out, in)`` with ``transpose_kernel=True``; equinox
-      ``(out, in, *spatial)``). Grouped convolutions are skipped.
-    * ``DenseGeneral``/``LinearGeneral``, so the attention kernels: the contracted
-      axes are the vectors, the last output axis the columns, the other output (and
-      batch) axes groups: q, k, v ``(d, heads, head_dim)`` are ``heads`` groups of
-      ``d x head_dim``, the output ``(heads, head_dim, d)`` one group of
-      ``(heads * head_dim) x d``.
-    * Leading axes beyond the module's own (``nn.scan``, ``nn.vmap``, ``nnx.vmap``,
-      ``nnx.scan``, ``eqx.filter_vmap``) are group axes: one group per layer.
-    * Wide (:math:`n > l`): the output axis becomes the vectors and the input axis the
-      columns (orthonormal rows), with any other vector axes (a conv's spatial axes)
-      as groups; for a kernel with spatial extent 1 (a 1x1 conv) these are exactly
-      the orthonormal rows, for a larger one each tap's rows.
-    * ``None`` (skipped): biases, embeddings, the scales and offsets of
-      ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm`` and ``InstanceNorm``, and
-      every parameter of a module type not in the table.
-
-    The module tree is walked, so the layers inside custom modules are found.
+    Biases, embeddings, norms and grouped convs are skipped (``None``); a parameter
+    that no module in the table owns is skipped with a ``UserWarning`` naming it
+    (:func:`skip_reasons` gives every leaf's reason).
 
     Args:
-      model: an ``equinox.Module``, a ``flax.nnx.Module``, or a ``flax.linen.Module``.
-      params: for linen only: the ``params`` collection (``variables["params"]``), or
-        the whole ``variables`` dict that ``model.init`` returns (a dict with a
-        ``"params"`` key), which gives every other collection ``None``.
+      model: an ``equinox.Module`` (concrete, or abstract from
+        ``eqx.filter_eval_shape``), a ``flax.nnx.Module``, or a ``flax.linen.Module``.
+      params: for linen only: ``variables["params"]`` (boxed by
+        ``nn.with_logical_partitioning`` or not), or the whole ``variables`` dict.
       *inputs: for linen only: example inputs of ``model.apply`` (arrays or
-        ``jax.ShapeDtypeStruct``); the model is traced once under
-        ``jax.eval_shape`` (no computation) to see its modules.
+        ``jax.ShapeDtypeStruct``); traced once under ``jax.eval_shape``, inside a
+        size-1 named axis for each axis name its collectives use.
+      conv: ``"kernel"`` (the default): conv kernels get the flattened layout of the
+        table; ``"operator"``: every ``Conv`` kernel gets a ``ConvDims`` with its
+        kernel layout, stride, dilation and groups, for the penalty on the
+        convolution operator (a ``ConvTranspose`` keeps its kernel layout, with a
+        warning: operator orthogonality of transposed convs is not supported).
       **apply_kwargs: for linen only: keyword arguments of ``model.apply``
         (``train=False``, ``method=...``, ``rngs=...``; by default every collection
-        but ``params`` is mutable and a ``"dropout"`` stream is given).
+        but ``params`` is mutable, and ``"params"`` and ``"dropout"`` streams are
+        given, to which ``rngs`` adds).
 
     Returns:
-      A pytree of :class:`OrthoDims` or ``None``, for ``dimension_numbers`` of
-      :func:`add_orthogonality_penalty`, :func:`tree_orthogonality_penalty`,
-      :func:`landing` and :func:`project_orthonormal`, with the structure of the
-      params they are given:
-
-      * equinox: of ``eqx.filter(model, eqx.is_array)`` (a Module of the same type);
-      * nnx: of ``nnx.state(model, nnx.Param)``, pure (``nnx.as_pure``), as
-        ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` passes the params to ``tx``
-        (the optimizer's ``init`` gets the same state with ``Variable`` leaves:
-        the layouts match those too);
-      * linen: of ``params`` as given.
+      A pytree of :class:`OrthoDims` or ``None`` with the structure of the params the
+      transforms get: ``eqx.filter(model, eqx.is_array)`` (abstract leaves kept);
+      ``nnx.as_pure(nnx.state(model, nnx.Param))``; linen's ``params`` as given, a
+      box holding its leaf's layout.
 
     Raises:
       TypeError: if ``model`` is none of these; if a linen model comes without
-        ``params``, or ``params`` do not match it; if an equinox or nnx model comes
-        with ``params`` or inputs (their layouts come from the model alone).
-      ValueError: if a parameter has fewer axes than its module type's own.
+        ``params``, the params do not match it, or its trace fails (the message says
+        what ``apply`` needs); if an equinox or nnx model comes with params or inputs.
+      ValueError: if a parameter has fewer axes than its module type's own, or a
+        stacked axis could sit at several places that give different layouts.
 
     Examples:
       >>> import equinox as eqx, jax, optax
@@ -394,8 +523,6 @@ def dimension_numbers_for(
       OrthoDims(vector_axis=(1, 2, 3), column_axis=0)
       >>> dims.layers[1].weight          # (out, in): 4 columns of length 8
       OrthoDims(vector_axis=1, column_axis=0)
-      >>> dims.layers[0].bias is None
-      True
       >>> tx = optax.chain(jop.add_orthogonality_penalty(1e-3, dimension_numbers=dims),
       ...                  optax.sgd(1e-2))
       >>> state = tx.init(eqx.filter(model, eqx.is_array))
@@ -412,68 +539,31 @@ def dimension_numbers_for(
       >>> dims["layers_2"]["kernel"]     # (4, 32), wide: 4 rows of length 32
       OrthoDims(vector_axis=1, column_axis=0)
     """
-    framework = _framework(model)
-    if framework == "linen":
-        return _linen(model, params, inputs, apply_kwargs)
-    if params is not None or inputs or apply_kwargs:
-        raise TypeError(
-            f"dimension_numbers_for: an {'equinox' if framework == 'equinox' else 'nnx'} "
-            "model holds its parameters: call dimension_numbers_for(model), without "
-            "params or inputs."
-        )
-    return _equinox(model) if framework == "equinox" else _nnx(model)
+    found = _walk(model, params, inputs, apply_kwargs, conv)
+    _warn(model, found)
+    return jax.tree.map(lambda f: f.dims, found, is_leaf=_is_found)
 
 
-# --------------------------------------------------------------------------- docs
+def skip_reasons(
+    model: Any,
+    params: Any = None,
+    *inputs: Any,
+    conv: Literal["kernel", "operator"] = "kernel",
+    **apply_kwargs: Any,
+) -> Any:
+    """Why :func:`dimension_numbers_for` gives each parameter no layout.
 
-_PREFIX = MappingProxyType({"linen": "nn.", "nnx": "nnx.", "equinox": "eqx.nn."})
+    Takes the same arguments and returns a pytree of the same structure: ``None``
+    where a parameter gets an :class:`OrthoDims`, else the reason as a string
+    (``"unknown module type Foo"``, ``"Dense bias: not a weight matrix of its type"``,
+    ``"Embed embedding: an embedding table: ..."``). It warns about nothing.
 
-
-def _run_names(row: Row, role: str) -> list[str]:
-    return [name for name, r in row.axes if r == role]
-
-
-def _split(name: str) -> tuple[str, str]:
-    """The last axis of a run, and the rest: ``*out`` -> ``*out[-1]``, ``*out[:-1]``."""
-    return (f"{name}[-1]", f"{name}[:-1]") if name.startswith("*") else (name, "")
-
-
-def _cells(row: Row) -> list[str]:
-    if not row.axes:
-        return ["", "skipped (`None`)", "", "", ""]
-    (column_run,) = _run_names(row, COLUMN)
-    (channel_run,) = _run_names(row, CHANNEL)
-    column, column_rest = _split(column_run)
-    channel, channel_rest = _split(channel_run)
-    groups = _run_names(row, GROUP)
-    vectors = [name for name, role in row.axes if role in (VECTOR, CHANNEL)]
-    wide_groups = [*_run_names(row, VECTOR), channel_rest, *groups, column_rest]
-
-    def code(names: list[str]) -> str:
-        names = [n for n in names if n]
-        return ", ".join(f"`{n}`" for n in names) if names else "none"
-
-    shape = "`(" + ", ".join(name for name, _ in row.axes) + ")`"
-    return [
-        shape,
-        code(vectors),
-        code([column]),
-        code([*groups, column_rest]),
-        f"vectors {code([column])}, columns {code([channel])}, groups {code(wide_groups)}",
-    ]
-
-
-def markdown_table() -> str:
-    """:data:`TABLE` as the Markdown table of docs/layouts.md (which a test checks)."""
-    lines = [
-        "| module | parameter | own axes | vectors (l) | columns (n) | groups | if n > l |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in TABLE:
-        module = ", ".join(f"`{_PREFIX[row.framework]}{name}`" for name in row.modules)
-        if row.when is not None:
-            module += f" with `{row.when[0]}`"
-        param = "every parameter" if row.param == "*" else f"`{row.param}`"
-        shape, *rest = _cells(row)
-        lines.append("| " + " | ".join([module, param, shape or "", *rest]) + " |")
-    return "\n".join(lines) + "\n"
+    Examples:
+      >>> import equinox as eqx, jax
+      >>> from jax_orthopenalty._frameworks import skip_reasons
+      >>> reasons = skip_reasons(eqx.nn.Linear(3, 2, key=jax.random.key(0)))
+      >>> reasons.weight is None, reasons.bias
+      (True, 'Linear bias: not a weight matrix of its type')
+    """
+    found = _walk(model, params, inputs, apply_kwargs, conv)
+    return jax.tree.map(lambda f: f.why, found, is_leaf=_is_found)

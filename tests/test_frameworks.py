@@ -51,25 +51,21 @@ def canonical(w: Any, kind: str, spatial: int = 0) -> np.ndarray:
     if kind == "hwio":  # (..., *spatial, in, out)
         taps = int(np.prod(w.shape[w.ndim - 2 - spatial : -2]))
         i, o = w.shape[-2:]
-        if o > taps * i:  # each tap's rows
-            return np.swapaxes(w.reshape(-1, i, o), 1, 2)
-        return w.reshape(-1, taps * i, o)
+        m = w.reshape(-1, taps * i, o)
+        return np.swapaxes(m, 1, 2) if o > taps * i else m  # wide: the flattened rows
     if kind == "oihw":  # (..., out, in, *spatial)
         o, i = w.shape[w.ndim - 2 - spatial : w.ndim - spatial]
         taps = int(np.prod(w.shape[w.ndim - spatial :]))
-        m = w.reshape(-1, o, i, taps)
-        if o > taps * i:  # each tap's rows
-            return np.transpose(m, (0, 3, 1, 2)).reshape(-1, o, i)
-        return np.swapaxes(m.reshape(-1, o, i * taps), 1, 2)
+        m = w.reshape(-1, o, i * taps)
+        return m if o > taps * i else np.swapaxes(m, 1, 2)  # wide: the flattened rows
     if kind == "qkv":  # (..., d, heads, head_dim): heads are groups
         d, h, k = w.shape[-3:]
         m = np.transpose(w.reshape(-1, d, h, k), (0, 2, 1, 3)).reshape(-1, d, k)
         return np.swapaxes(m, 1, 2) if k > d else m
     if kind == "attn_out":  # (..., heads, head_dim, d)
         h, k, d = w.shape[-3:]
-        if d > h * k:  # each head's rows
-            return np.swapaxes(w.reshape(-1, k, d), 1, 2)
-        return w.reshape(-1, h * k, d)
+        m = w.reshape(-1, h * k, d)
+        return np.swapaxes(m, 1, 2) if d > h * k else m  # wide: the flattened rows
     raise AssertionError(kind)
 
 
@@ -174,7 +170,7 @@ class LinenZoo(nn.Module):
     def __call__(self, img: jax.Array, tokens: jax.Array) -> jax.Array:
         y = nn.Conv(8, (3, 3), name="conv")(img)  # (3, 3, 3, 8)
         y = nn.Conv(16, (1, 1), name="pointwise")(y)  # (1, 1, 8, 16): wide, rows
-        y = nn.Conv(32, (3, 3), name="wide3x3")(img)  # (3, 3, 3, 32): wide, each tap's rows
+        y = nn.Conv(32, (3, 3), name="wide3x3")(img)  # (3, 3, 3, 32): wide, rows of (27, 32)
         y = nn.ConvTranspose(4, (3,), name="up")(img[:, 0])  # (3, 3, 4)
         y = nn.ConvTranspose(4, (2, 2), transpose_kernel=True, name="upt")(img)  # (2, 2, 4, 3)
         y = nn.Conv(6, (3, 3), feature_group_count=3, name="grouped")(img)
@@ -221,7 +217,11 @@ def linen_zoo() -> tuple[nn.Module, Any, tuple[jax.Array, jax.Array]]:
 
 def test_linen_every_leaf() -> None:
     model, variables, inputs = linen_zoo()
-    dims = jop.dimension_numbers_for(model, variables["params"], *inputs)
+    with pytest.warns(
+        UserWarning,
+        match=r"1 parameter\(s\).*\['unknown'\]\['w'\] \(unknown module type Unknown\)",
+    ):
+        dims = jop.dimension_numbers_for(model, variables["params"], *inputs)
     assert jax.tree.structure(variables["params"]) == jax.tree.structure(
         jax.tree.map(lambda _: 0, dims, is_leaf=_is_dims)
     )
@@ -233,12 +233,12 @@ def test_linen_variables_dict_and_shape_inputs() -> None:
     may be shapes."""
     model, variables, inputs = linen_zoo()
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
-    dims = jop.dimension_numbers_for(model, variables, *shapes)
+    with pytest.warns(UserWarning, match="unknown module type Unknown"):
+        dims = jop.dimension_numbers_for(model, variables, *shapes)
+        alone = jop.dimension_numbers_for(model, variables["params"], *inputs)
     assert set(dims) == {"params", "batch_stats"}
     assert all(d is None for d in jax.tree.leaves(dims["batch_stats"], is_leaf=_is_dims))
-    assert by_path(dims["params"], _is_dims) == by_path(
-        jop.dimension_numbers_for(model, variables["params"], *inputs), _is_dims
-    )
+    assert by_path(dims["params"], _is_dims) == by_path(alone, _is_dims)
 
 
 # --------------------------------------------------------------------------- flax nnx
@@ -297,7 +297,10 @@ NNX_KINDS = {
 
 def test_nnx_every_leaf() -> None:
     model = nnx.jit(lambda: NnxZoo(nnx.Rngs(0)))()  # jitted: its initialisers op by op are slow
-    dims = jop.dimension_numbers_for(model)
+    with pytest.warns(
+        UserWarning, match=r"\['unknown'\]\['w'\] \(unknown module type NnxUnknown\)"
+    ):
+        dims = jop.dimension_numbers_for(model)
     check(nnx.as_pure(nnx.state(model, nnx.Param)), dims, NNX_KINDS)
 
 
@@ -307,7 +310,8 @@ def test_nnx_optimizer_end_to_end() -> None:
     and projection in one optax chain: a step moves exactly the expected leaves, and
     the projected kernels are orthonormal in the layout meant."""
     model = NnxZoo(nnx.Rngs(1))
-    dims = jop.dimension_numbers_for(model)
+    with pytest.warns(UserWarning, match="unknown module type NnxUnknown"):
+        dims = jop.dimension_numbers_for(model)
     tx = optax.chain(
         jop.add_orthogonality_penalty(1e-2, dimension_numbers=dims),
         jop.landing(1.0, dimension_numbers=dims),
@@ -405,7 +409,8 @@ EQX_KINDS = {
 
 def test_equinox_every_leaf() -> None:
     model = eqx.filter_jit(EqxZoo)(KEY)  # jitted: its initialisers op by op are slow
-    dims = jop.dimension_numbers_for(model)
+    with pytest.warns(UserWarning, match=r"\.unknown\.w \(unknown module type EqxUnknown\)"):
+        dims = jop.dimension_numbers_for(model)
     assert isinstance(dims, EqxZoo)
     check(eqx.filter(model, eqx.is_array), dims, EQX_KINDS, project=True)
 
@@ -490,7 +495,8 @@ def test_resnet_like_flax_imagenet() -> None:
     params = variables["params"]
     dims = jop.dimension_numbers_for(model, params, x)
     layouts = _kernels_have_layouts(params, dims)
-    assert layouts["['BasicBlock_1']['conv_proj']['kernel']"] == jop.OrthoDims(3, 2)
+    # (1, 1, 8, 16), wide: the 8 rows of the (8, 16) matrix
+    assert layouts["['BasicBlock_1']['conv_proj']['kernel']"] == jop.OrthoDims(3, (0, 1, 2))
     assert layouts["['Dense_0']['kernel']"] == jop.OrthoDims(1, 0)
     assert layouts["['conv_init']['kernel']"] == jop.OrthoDims((0, 1, 2), -1)
     kinds = {p: ("hwio", 2) for p in layouts if p.endswith("['kernel']")}
@@ -519,7 +525,10 @@ def test_transformer_like_flax_lm1b(tied: bool) -> None:
     model = Transformer(tied=tied)
     tokens = jnp.zeros((2, 5), jnp.int32)
     params = jax.jit(model.init)(KEY, tokens)["params"]
-    dims = jop.dimension_numbers_for(model, params, tokens)
+    with pytest.warns(
+        UserWarning, match=r"\['pos_embedding'\] \(unknown module type Transformer\)"
+    ):
+        dims = jop.dimension_numbers_for(model, params, tokens)
     layouts = _kernels_have_layouts(params, dims)
     for path in layouts:
         if path.endswith("['kernel']"):

@@ -6,7 +6,7 @@ See :func:`orthogonality_penalty` for the math.
 from ._conv import conv_orthogonality_error as conv_orthogonality_error
 from ._conv import conv_orthogonality_penalty as conv_orthogonality_penalty
 from ._conv import conv_orthogonality_penalty_grad as conv_orthogonality_penalty_grad
-from ._conv import conv_singular_values as conv_singular_values
+from ._conv_spectrum import conv_singular_values as conv_singular_values
 from ._frameworks import dimension_numbers_for as dimension_numbers_for
 from ._manifold import LandingState as LandingState
 from ._manifold import landing as landing

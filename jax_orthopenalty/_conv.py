@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from ._contract import explicit_sharding
-from ._conv_layout import ConvLayout, arrange, check_kernel_array, make_conv_layout
+from ._conv_layout import ConvLayout, arrange, prepare_kernel
 from ._layout import DEFAULT_PRECISION, accumulation_dtype, check_beta
 from ._matrix import max_or_nan
 from ._penalty import same_varying_axes
@@ -53,7 +53,6 @@ __all__ = [
     "conv_orthogonality_penalty_grad",
     "conv_penalty",
     "conv_pull",
-    "conv_singular_values",
 ]
 
 Stride = int | Sequence[int]
@@ -268,15 +267,6 @@ _penalty.defvjp(_penalty_fwd, _penalty_bwd)
 # --------------------------------------------------------------------------- checks
 
 
-def _prepare_layout(kernel: ArrayLike, geometry: tuple[Any, ...]) -> tuple[jax.Array, ConvLayout]:
-    """The kernel as an array and its validated layout, from ``(kernel_layout, stride,
-    dilation, feature_group_count)``."""
-    k = check_kernel_array(kernel)
-    layout = make_conv_layout(k.ndim, *geometry)
-    layout.check_kernel(k.shape)
-    return k, layout
-
-
 def check_conv_rule(norm: Norm, subgradient: Subgradient) -> Rule:
     """The entrywise rule of ``norm``; the per-group norms raise ``ValueError``."""
     rule = make_rule(norm, subgradient)
@@ -297,7 +287,7 @@ def _prepare(
     precision: Any,
 ) -> tuple[jax.Array, ConvLayout, _Options, jax.Array]:
     """Every check, at trace time: the kernel, its layout, the rule and ``beta``."""
-    k, layout = _prepare_layout(kernel, geometry)
+    k, layout = prepare_kernel(kernel, geometry)
     rule = check_conv_rule(norm, subgradient)
     # A callable subgradient is checked by the rule where it is applied, on X.
     acc = accumulation_dtype(k.dtype)
@@ -548,75 +538,5 @@ def conv_orthogonality_error(
       >>> jop.conv_orthogonality_error(k.at[0, 0].set(0.5 * jnp.eye(2)))  # shifts overlap
       Array(0.5, dtype=float32)
     """
-    k, layout = _prepare_layout(kernel, (kernel_layout, stride, dilation, feature_group_count))
+    k, layout = prepare_kernel(kernel, (kernel_layout, stride, dilation, feature_group_count))
     return conv_error(k, layout, precision)
-
-
-def conv_singular_values(
-    kernel: ArrayLike,
-    input_shape: Sequence[int],
-    *,
-    kernel_layout: str = "HWIO",
-    stride: Stride = 1,
-    dilation: Stride = 1,
-    feature_group_count: int = 1,
-) -> jax.Array:
-    r"""Every singular value of the conv operator on a circular input.
-
-    On a circular input of spatial shape :math:`N` the stride-1 polyphase conv is
-    block circulant, so the Fourier transform block-diagonalises it (Sedghi, Gupta
-    and Long): its singular values are those of the :math:`M \times C'` matrices
-
-    .. math::
-
-        \hat K'(\omega) = \sum_v K'[:, :, v]\, e^{-2\pi i\, \omega \cdot v / n},
-        \qquad \omega \in \{0..n-1\}^d,\quad n = N / S,
-
-    one small SVD per frequency (:math:`\prod n` of them). The operator is
-    orthogonal exactly when every value is 1; :math:`\sigma_{\max}` is its
-    Lipschitz constant.
-
-    Args:
-      kernel: the conv kernel (see :func:`conv_orthogonality_penalty`).
-      input_shape: the spatial shape :math:`N` of the circular input, one Python int
-        per spatial axis, divisible by the stride and at least the dilated kernel.
-      kernel_layout: the kernel's axes, ``"HWIO"`` by default.
-      stride: the conv's stride.
-      dilation: the kernel dilation.
-      feature_group_count: the number of groups (one operator each).
-
-    Returns:
-      Shape ``(*leading, [G,] prod(N / S), min(M / G, C S^d / G))``: the leading stack
-      axes, ``G`` when ``feature_group_count > 1``, the frequencies in ``jnp.fft.fftn``
-      order (row-major over the :math:`N / S` grid), and each frequency's singular
-      values in descending order. Together they are all the operator's
-      non-trivially-zero singular values (those of the dense matrix, up to order;
-      the dense matrix has :math:`|M - C'| \prod n` further zeros on its larger side).
-      In the kernel's real dtype (float32 for bfloat16 and float16).
-
-    Raises:
-      ValueError: an ``input_shape`` of the wrong length, not divisible by the
-        stride, or smaller than the dilated kernel; bad options as
-        :func:`conv_orthogonality_penalty`.
-      TypeError: as :func:`conv_orthogonality_penalty`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import jax_orthopenalty as jop
-      >>> k = jnp.array([[[1.0]], [[1.0]]])             # WIO: x[p] + x[p + 1]
-      >>> jop.conv_singular_values(k, (4,), kernel_layout="WIO").ravel()  # |1 + e^(-i pi w/2)|
-      Array([2.       , 1.4142135, 0.       , 1.4142135], dtype=float32)
-
-    References:
-      Sedghi, Gupta and Long, *The Singular Values of Convolutional Layers*, ICLR 2019.
-    """
-    k, layout = _prepare_layout(kernel, (kernel_layout, stride, dilation, feature_group_count))
-    shape = layout.check_input_shape(input_shape, k.shape)
-    a = arrange(k.astype(accumulation_dtype(k.dtype)), layout, polyphase=True, swap=False)
-    n = tuple(x // s for x, s in zip(shape, layout.stride, strict=True))
-    a = jnp.pad(a, [(0, 0)] * 4 + [(0, x - w) for x, w in zip(n, a.shape[4:], strict=True)])
-    d = layout.spatial_ndim
-    t = jnp.fft.fftn(a, axes=tuple(range(4, 4 + d)))
-    t = jnp.moveaxis(t, (2, 3), (-2, -1)).reshape((*a.shape[:2], math.prod(n), *a.shape[2:4]))
-    s = jnp.linalg.svd(t, compute_uv=False)
-    return s.reshape((*layout.operator_shape(k.shape), *s.shape[2:]))

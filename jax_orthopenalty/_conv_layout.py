@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -282,3 +283,12 @@ def check_kernel_array(kernel: ArrayLike) -> jax.Array:
             f"float64), got {dtype}."
         )
     return jnp.asarray(kernel)
+
+
+def prepare_kernel(kernel: Any, geometry: tuple[Any, ...]) -> tuple[jax.Array, ConvLayout]:
+    """The kernel as a floating array and its validated layout, from ``(kernel_layout,
+    stride, dilation, feature_group_count)``; every check at trace time."""
+    k = check_kernel_array(kernel)
+    layout = make_conv_layout(k.ndim, *geometry)
+    layout.check_kernel(k.shape)
+    return k, layout

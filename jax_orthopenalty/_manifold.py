@@ -246,6 +246,7 @@ def _warn_zeros(name: str, params: Any, dimension_numbers: DimensionNumbers) -> 
     Traced params (init under jit) and arrays spread over several processes are not
     checked.
     """
+
     def count(phi: jax.Array, layout: Any) -> tuple[int, int]:
         if not isinstance(layout, Layout):  # a ConvDims leaf: update raises, naming it
             return 0, 0

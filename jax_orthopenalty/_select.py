@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._conv_layout import ConvLayout, check_kernel_array, make_conv_layout
+from ._conv_layout import ConvLayout, make_conv_layout, prepare_kernel
 from ._layout import Axes, ColumnAxis, VectorAxis, check_phi, make_axes
 
 __all__ = [
@@ -142,10 +142,7 @@ class ConvDims(NamedTuple):
 
     def checked(self, phi: Any) -> tuple[jax.Array, ConvLayout]:
         """The kernel as a floating array, and its validated conv layout."""
-        arr = check_kernel_array(phi)
-        layout = self.layout(arr.ndim)
-        layout.check_kernel(arr.shape)
-        return arr, layout
+        return prepare_kernel(phi, tuple(self))
 
 
 Dims: TypeAlias = OrthoDims | ConvDims

@@ -19,7 +19,6 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import jax_orthopenalty as jop
-from jax_orthopenalty import _conv
 from jax_orthopenalty._conv import conv_error, conv_pull
 from jax_orthopenalty._conv_layout import make_conv_layout
 from jax_orthopenalty._rules import make_rule
@@ -45,11 +44,11 @@ def _jitted(fn: Any) -> Any:
 
 
 # Jitted for speed everywhere except where the eager path itself is tested (bad input,
-# concrete beta checks: `_conv.` names).
-conv_orthogonality_penalty = _jitted(_conv.conv_orthogonality_penalty)
-conv_orthogonality_penalty_grad = _jitted(_conv.conv_orthogonality_penalty_grad)
-conv_orthogonality_error = _jitted(_conv.conv_orthogonality_error)
-conv_singular_values = _jitted(_conv.conv_singular_values)
+# concrete beta checks: `jop.` names).
+conv_orthogonality_penalty = _jitted(jop.conv_orthogonality_penalty)
+conv_orthogonality_penalty_grad = _jitted(jop.conv_orthogonality_penalty_grad)
+conv_orthogonality_error = _jitted(jop.conv_orthogonality_error)
+conv_singular_values = _jitted(jop.conv_singular_values)
 
 
 def to_layout(canonical: np.ndarray, layout: str) -> np.ndarray:
@@ -323,12 +322,12 @@ def test_bad_options(kwargs: dict[str, Any], error: type[Exception], match: str)
     layout_only = not {"norm", "subgradient", "beta"} & set(kwargs)
     beta = kwargs.pop("beta", 1.0)
     with pytest.raises(error, match=match):
-        _conv.conv_orthogonality_penalty(K4, beta, **kwargs)
+        jop.conv_orthogonality_penalty(K4, beta, **kwargs)
     if layout_only:
         with pytest.raises(error, match=match):
-            _conv.conv_orthogonality_error(K4, **kwargs)
+            jop.conv_orthogonality_error(K4, **kwargs)
         with pytest.raises(error, match=match):
-            _conv.conv_singular_values(K4, (6, 6), **kwargs)
+            jop.conv_singular_values(K4, (6, 6), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -342,9 +341,9 @@ def test_bad_options(kwargs: dict[str, Any], error: type[Exception], match: str)
 )
 def test_bad_kernels(kernel: np.ndarray, error: type[Exception], match: str) -> None:
     for fn in (
-        _conv.conv_orthogonality_penalty,
-        _conv.conv_orthogonality_penalty_grad,
-        _conv.conv_orthogonality_error,
+        jop.conv_orthogonality_penalty,
+        jop.conv_orthogonality_penalty_grad,
+        jop.conv_orthogonality_error,
     ):
         with pytest.raises(error, match=match):
             fn(kernel)
@@ -363,7 +362,7 @@ def test_bad_kernels(kernel: np.ndarray, error: type[Exception], match: str) -> 
 )
 def test_bad_input_shape(size: Any, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        _conv.conv_singular_values(K4, size, **kwargs)
+        jop.conv_singular_values(K4, size, **kwargs)
 
 
 def test_conv_pull_rejects_a_scale_of_the_wrong_shape_and_a_matrix_rule() -> None:
@@ -402,13 +401,13 @@ def test_beta_kinds(beta: Any) -> None:
     base = conv_orthogonality_penalty(kernel)
     if isinstance(beta, str):  # traced: an argument of the jitted function
         beta = jnp.float32(2.0)
-        value_and_grads = jax.jit(jax.value_and_grad(_conv.conv_orthogonality_penalty, (0, 1)))
+        value_and_grads = jax.jit(jax.value_and_grad(jop.conv_orthogonality_penalty, (0, 1)))
         value, (grad, db) = value_and_grads(kernel, beta)
     else:  # concrete: closed over, so the eager checks of `beta` see its value
         value, grad = jax.jit(
-            jax.value_and_grad(lambda k: _conv.conv_orthogonality_penalty(k, beta))
+            jax.value_and_grad(lambda k: jop.conv_orthogonality_penalty(k, beta))
         )(kernel)
-        db = jax.jit(jax.grad(_conv.conv_orthogonality_penalty, 1))(kernel, jnp.float32(beta))
+        db = jax.jit(jax.grad(jop.conv_orthogonality_penalty, 1))(kernel, jnp.float32(beta))
     np.testing.assert_allclose(value, 2 * base, rtol=1e-6)
     np.testing.assert_allclose(db, base, rtol=1e-6)
     np.testing.assert_allclose(grad, 2 * conv_orthogonality_penalty_grad(kernel), rtol=1e-6)
@@ -550,12 +549,7 @@ def test_export_with_a_symbolic_stack_axis() -> None:
 # --------------------------------------------------------------------------- docs
 
 
-def test_docs_page_code_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in _conv.__all__:  # the page uses the public names, exported or not yet
-        if not name.startswith("conv_orthogonality") and name != "conv_singular_values":
-            continue
-        if not hasattr(jop, name):
-            monkeypatch.setattr(jop, name, getattr(_conv, name), raising=False)
+def test_docs_page_code_runs() -> None:
     page = Path(__file__).resolve().parent.parent / "docs" / "convolutions.md"
     fence = re.compile(r"^([ \t]*)```python\n(.*?)^\1```", re.M | re.S)
     blocks = [textwrap.dedent(m.group(2)) for m in fence.finditer(page.read_text())]

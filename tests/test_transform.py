@@ -218,7 +218,9 @@ def test_dimension_numbers_that_do_not_match_raise(dims: Any) -> None:
 def test_dimension_numbers_with_a_bad_entry_raise(bad: Any) -> None:
     params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
     tx = jop.add_orthogonality_penalty(0.5, dimension_numbers={"w": bad, "b": None})
-    with pytest.raises(TypeError, match="`dimension_numbers` must give an OrthoDims, a ConvDims or None"):
+    with pytest.raises(
+        TypeError, match="`dimension_numbers` must give an OrthoDims, a ConvDims or None"
+    ):
         _update(tx, params, params)
 
 

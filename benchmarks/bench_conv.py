@@ -15,9 +15,12 @@ Two measurements, both on HWIO float32 kernels, under ``jax.jit``:
   (``conv_pull`` added to the gradient inside the step), on the second and third conv
   (OCNN leaves the first, wide on RGB input, alone).
 
-The sides of each comparison are timed interleaved (each repetition times each once,
-in an order that reverses every other repetition); the table reports medians and
-their ratios, and the geometric mean of the grad ratios.
+The sides of each comparison are timed with ``_harness.interleaved_medians`` (each
+repetition times each once, in an order that reverses every other repetition); the
+table reports medians and their ratios, and the geometric mean of the grad ratios.
+``--reps`` is an upper bound: a comparison whose one round takes long (autodiff of
+the 256-channel kernel takes seconds a call on CPU) gets fewer, at least 5, so that
+it stays within about a minute.
 
 Run from the repository root::
 
@@ -28,13 +31,9 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -49,7 +48,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax_orthopenalty as jop
-from benchmarks import _machine
+from benchmarks import _harness
 from jax_orthopenalty._conv import conv_orthogonality_penalty, conv_pull
 from jax_orthopenalty._conv_layout import make_conv_layout
 from jax_orthopenalty._rules import make_rule
@@ -81,27 +80,15 @@ def plain_penalty(kernel: jax.Array, stride: int) -> jax.Array:
 
 def interleaved(
     fns: dict[str, Callable[[], Any]], reps: int, budget_s: float = 60.0
-) -> dict[str, float]:
-    """Median seconds per call of each thunk, timed in alternating order.
-
-    At most ``reps`` repetitions, fewer (but at least 5) where one repetition of all
-    the thunks would take the ``budget_s`` seconds past (autodiff of the 256-channel
-    kernel takes seconds a call on CPU).
-    """
-    for fn in fns.values():  # compile and warm up
-        jax.block_until_ready(fn())
-    t0 = time.perf_counter()
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    reps = max(5, min(reps, int(budget_s / max(time.perf_counter() - t0, 1e-9))))
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for rep in range(reps):
-        for name in names if rep % 2 == 0 else reversed(names):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fns[name]())
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()} | {"reps": reps}
+) -> dict[str, Any]:
+    """Median seconds per call of each thunk (``_harness.interleaved_medians``) and the
+    number of repetitions: at most ``reps``, fewer (but at least 5) where one round
+    of all the thunks, timed once after a warm-up call, would take the ``budget_s``
+    seconds past."""
+    first = _harness.interleaved_samples(fns, reps=1, warmup=1)  # compiles, then one round
+    round_s = sum(s[0] for s in first.values())
+    reps = max(5, min(reps, int(budget_s / max(round_s, 1e-9))))
+    return {**_harness.interleaved_medians(fns, reps=reps, warmup=0), "reps": reps}
 
 
 def bench_grad(shapes: list[tuple[str, tuple[int, ...], int]], reps: int) -> list[dict[str, Any]]:
@@ -191,49 +178,50 @@ def bench_step(reps: int) -> dict[str, float]:
 
 
 def table(grad_rows: list[dict[str, Any]], step: dict[str, float]) -> str:
-    geo = math.exp(statistics.fmean(math.log(r["ratio"]) for r in grad_rows))
-    lines = [
-        "| kernel (HWIO), stride | closed form (ms) | autodiff (ms) | autodiff / closed |",
-        "|---|---:|---:|---:|",
-        *(
-            f"| {r['shape']} | {r['closed_ms']:.3f} | {r['autodiff_ms']:.3f} | {r['ratio']:.2f}x |"
-            for r in grad_rows
-        ),
-        f"| geometric mean | | | {geo:.2f}x |",
-        "",
-        "| training step | ms | / no penalty |",
-        "|---|---:|---:|",
-        *(f"| {k} | {v:.2f} | {v / step['none']:.2f}x |" for k, v in step.items()),
-    ]
-    return "\n".join(lines)
+    geo = _harness.geometric_mean(r["ratio"] for r in grad_rows)
+    grad = _harness.markdown_table(
+        ["kernel (HWIO), stride", "closed form (ms)", "autodiff (ms)", "autodiff / closed"],
+        [
+            *(
+                [
+                    r["shape"],
+                    f"{r['closed_ms']:.3f}",
+                    f"{r['autodiff_ms']:.3f}",
+                    f"{r['ratio']:.2f}x",
+                ]
+                for r in grad_rows
+            ),
+            ["geometric mean", None, None, f"{geo:.2f}x"],
+        ],
+    )
+    steps = _harness.markdown_table(
+        ["training step", "ms", "/ no penalty"],
+        [[k, f"{v:.2f}", f"{v / step['none']:.2f}x"] for k, v in step.items()],
+    )
+    return f"{grad}\n\n{steps}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per side")
-    parser.add_argument("--markdown", action="store_true", help="print Markdown tables only")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = _harness.parser(__doc__.splitlines()[0]).parse_args(argv)
     reps = args.reps or (5 if args.quick else 50)
+    load_start = list(os.getloadavg())
     grad_rows = bench_grad(QUICK_SHAPES if args.quick else SHAPES, reps)
     step = bench_step(max(3, reps // 5) if args.quick else reps)
-    machine = _machine.machine()
-    text = table(grad_rows, step)
     if not args.markdown:
+        machine = _harness.machine()
         print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']}, "
               f"backend {machine['backend']}, reps {reps}, load {os.getloadavg()}")  # fmt: skip
-    print(text)
-    if args.json:
-        record = {
-            "machine": machine,
-            "load_average": os.getloadavg(),
-            "reps": reps,
-            "grad": grad_rows,
-            "step_ms": step,
-        }
-        args.json.write_text(json.dumps(record, indent=2))
+    print(table(grad_rows, step))
+    results = {
+        "machine": {"loadavg_at_start": load_start},
+        "quick": args.quick,
+        "reps": reps,
+        "grad": grad_rows,
+        "step_ms": step,
+    }
+    _harness.write_report(args.json, results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -167,3 +167,24 @@ def test_projection_step_cost_rows() -> None:
         assert math.isclose(r["ratio"], r["project_ms"] / r["penalty_ms"], rel_tol=1e-9), r
     assert [r["route"] for r in rows] == ["series, degree <= 1", "series, degree <= 4", "eigh"]
     assert bench_manifold.report_step_cost(cost).count("\n") == 1 + len(targets)
+
+
+def test_bench_conv_grad_rows() -> None:
+    # benchmarks/bench_conv.py's gradient comparison on one small kernel per case: the
+    # closed form and autodiff agree (bench_grad asserts it), both sides were timed at
+    # least 5 times, the ratio is theirs, and the table has a row per kernel and the
+    # geometric mean.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_conv
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    shapes = [("3x3x4x4 s1", (3, 3, 4, 4), 1), ("3x3x4x8 s2", (3, 3, 4, 8), 2)]
+    rows = bench_conv.bench_grad(shapes, reps=5)
+    assert [r["shape"] for r in rows] == [name for name, _, _ in shapes]
+    for r in rows:
+        assert r["closed_ms"] > 0 and r["autodiff_ms"] > 0 and r["reps"] == 5, r
+        assert math.isclose(r["ratio"], r["autodiff_ms"] / r["closed_ms"], rel_tol=1e-9), r
+    text = bench_conv.table(rows, {"none": 2.0, "kernel": 2.5, "operator": 3.0})
+    assert "| geometric mean |" in text and "| operator | 3.00 | 1.50x |" in text
+    assert text.count("\n") == (2 + len(rows) + 1) + 1 + (2 + 3) - 1

@@ -160,7 +160,7 @@ def _group_full(phi: jax.Array, layout: Layout, value: Any) -> jax.Array:
 def add_orthogonality_constraint(
     target: optax.ScalarOrSchedule,
     *,
-    rate: optax.ScalarOrSchedule = 1e-2,
+    rate: optax.ScalarOrSchedule = 1e-3,
     beta_init: float = 0.0,
     mask: MaskOrFn = None,
     dimension_numbers: DimensionNumbers = None,

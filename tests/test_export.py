@@ -40,6 +40,7 @@ import pytest
 from jax import export
 
 import jax_orthopenalty as jop
+from jax_orthopenalty._constraint import add_orthogonality_constraint, orthogonality_metrics
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -162,6 +163,21 @@ ENTRIES: dict[str, Callable[[], Entry]] = {
         ({"w": UPD}, optax.EmptyState(), {"w": PHI}),
         solver=True,
         more=(({"w": 1e-3 * UPD}, optax.EmptyState(), {"w": NEAR}),),
+    ),
+    "add_constraint": lambda: _state_step(
+        add_orthogonality_constraint(1e-2, beta_init=0.5, dimension_numbers=DIMS)
+    ),
+    "add_constraint_every_2_mask": lambda: _step(
+        add_orthogonality_constraint(
+            1e-2, rate=0.1, beta_init=0.5, every=2, mask={"w": True, "conv": False, "b": False}
+        ),
+        PARAMS,
+        UPDATES,
+        steps=3,
+    ),
+    # eigvalsh of the Gram matrices: the platform's solver.
+    "metrics": lambda: Entry(
+        lambda ps: orthogonality_metrics(ps, dimension_numbers=DIMS), (PARAMS,), solver=True
     ),
     "chain_sgd_step": lambda: _step(
         optax.chain(

@@ -47,6 +47,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_orthopenalty as jop
+from jax_orthopenalty._constraint import add_orthogonality_constraint, orthogonality_metrics
 
 Loss = Callable[[jax.Array, Any], jax.Array]  # (one layer's phi, beta) -> scalar
 
@@ -145,6 +146,24 @@ def _conv_update(phi: jax.Array, beta: Any) -> jax.Array:
     return tree + _dot(updates["k"], _direction(params["k"]))
 
 
+def _constraint(phi: jax.Array, beta: Any) -> jax.Array:
+    # beta as the multipliers' start: two updates (the second pulls with the
+    # multipliers of the first dual step), and the state's beta and error.
+    tx = add_orthogonality_constraint(1.0, rate=0.25, beta_init=beta)
+    params = {"w": phi, "b": phi[0, 0]}  # the rank-1 b is not selected
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    first, state = tx.update(zeros, tx.init(params), params)
+    second, state = tx.update(zeros, state, params)
+    pulls = _dot(first["w"] + second["w"], _direction(phi))
+    return pulls + jnp.sum(state.beta["w"] * state.error["w"]) + jnp.sum(second["b"])
+
+
+def _metrics(phi: jax.Array, beta: Any) -> jax.Array:
+    # error, and the extreme singular values from eigvalsh of the Gram matrices.
+    m = orthogonality_metrics({"w": phi, "b": phi[0, 0]})["['w']"]
+    return beta * jnp.sum(m["error"] + m["sigma_min"] + 2 * m["sigma_max"])
+
+
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     # Not jnp.vdot: it flattens, which a sharded axis (under set_mesh) does not allow.
     return jnp.sum(a * b)
@@ -166,6 +185,8 @@ ENTRY_POINTS: dict[str, Loss] = {
     "landing_project": _manifold,
     "conv": _conv,
     "conv_update": _conv_update,
+    "constraint": _constraint,
+    "metrics": _metrics,
 }
 
 
@@ -374,6 +395,8 @@ ENTRY_KINDS: dict[str, tuple[str, ...]] = {
         "landing_project",
         "conv",
         "conv_update",
+        "constraint",
+        "metrics",
     )
 }
 

@@ -325,3 +325,45 @@ def test_metrics_beta_from_a_nested_state_and_errors() -> None:
         orthogonality_metrics(params, state=optax.sgd(0.1).init(params))
     with pytest.raises(ValueError, match=r"found 2"):
         orthogonality_metrics(params, state=(state, state))
+
+
+_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax_orthopenalty._constraint import add_orthogonality_constraint, orthogonality_metrics
+mesh = jax.make_mesh((2,), ("g",), axis_types=(AxisType.Explicit,))
+with jax.set_mesh(mesh):
+    phi = np.random.default_rng(0).normal(size=(8, 4, 3)).astype(np.float32)
+    params = {"w": jax.device_put(phi, NamedSharding(mesh, P(None, "g", None)))}
+    tx = optax.chain(add_orthogonality_constraint(1e-2, beta_init=0.1), optax.sgd(0.1))
+    state = tx.init(params)
+    assert str(jax.typeof(state[0].beta["w"])) == "float32[4@g]"
+
+    @jax.jit
+    def step(p, s):
+        u, s = tx.update(jax.tree.map(jnp.zeros_like, p), s, p)
+        return optax.apply_updates(p, u), s, orthogonality_metrics(p, state=s)
+
+    p, s, m = step(params, state)
+    for x in (s[0].beta["w"], s[0].error["w"], m["['w']"]["sigma_min"], m["['w']"]["beta"]):
+        assert str(jax.typeof(x)) == "float32[4@g]", jax.typeof(x)
+    text = step.lower(params, state).compile().as_text()
+    assert "all-gather" not in text and "all-reduce" not in text
+    (p, s), _ = jax.lax.scan(lambda c, _: (step(*c)[:2], None), (params, state), None, length=3)
+print("ok")
+"""
+
+
+def test_explicit_mesh_multipliers_sharded_like_the_groups() -> None:
+    # Two host devices, in a subprocess (the device count is fixed at jax's start):
+    # the multipliers, errors and metrics carry the groups' sharding, a scan carries
+    # the state unchanged in type, and nothing is gathered.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

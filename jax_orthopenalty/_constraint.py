@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _contract
+from . import _contract, _pull
 from ._family import group_error
 from ._layout import (
     DEFAULT_PRECISION,
@@ -151,9 +151,14 @@ def _kernel(
 
 def _group_full(phi: jax.Array, layout: Layout, value: Any) -> jax.Array:
     """``value`` in every group of ``phi``, sharded like its group axes on an Explicit mesh."""
-    shape = layout.group_shape(phi.shape)
+    if isinstance(layout, Layout):
+        shape, sharding = (
+            layout.group_shape(phi.shape),
+            _contract.group_out_sharding(layout, phi, 0),
+        )
+    else:  # a ConvDims leaf: one multiplier per operator
+        shape, sharding = tuple(layout.operator_shape(phi.shape)), None
     dtype = real_dtype(accumulation_dtype(phi.dtype))
-    sharding = _contract.group_out_sharding(layout, phi, 0)
     return jnp.full(shape, jnp.asarray(value).astype(dtype), dtype, out_sharding=sharding)
 
 
@@ -307,7 +312,9 @@ def _constraint_state(state: Any) -> AddOrthogonalityConstraintState:
     return cast(AddOrthogonalityConstraintState, found[0])
 
 
-def _leaf_metrics(phi: jax.Array, layout: Layout) -> dict[str, jax.Array]:
+def _leaf_metrics(phi: jax.Array, layout: Any) -> dict[str, jax.Array]:
+    if not isinstance(layout, Layout):  # a ConvDims leaf: the operator's error only
+        return {"error": _pull.error(phi, layout, make_options())}
     acc = accumulation_dtype(phi.dtype)
     gram = _contract.gram(layout, phi, precision=DEFAULT_PRECISION, acc=acc)
     # The eigenvalues of the n x n Gram are the squared singular values of the group.

@@ -3,6 +3,9 @@
 See :func:`orthogonality_penalty` for the math.
 """
 
+from ._constraint import AddOrthogonalityConstraintState as AddOrthogonalityConstraintState
+from ._constraint import add_orthogonality_constraint as add_orthogonality_constraint
+from ._constraint import orthogonality_metrics as orthogonality_metrics
 from ._conv import conv_orthogonality_error as conv_orthogonality_error
 from ._conv import conv_orthogonality_penalty as conv_orthogonality_penalty
 from ._conv import conv_orthogonality_penalty_grad as conv_orthogonality_penalty_grad
@@ -29,12 +32,14 @@ from ._transform import tree_orthogonality_penalty as tree_orthogonality_penalty
 __version__ = "0.4.0"
 
 __all__ = [
+    "AddOrthogonalityConstraintState",
     "AddOrthogonalityPenaltyState",
     "ConvDims",
     "LandingState",
     "Norm",
     "OrthoDims",
     "Subgradient",
+    "add_orthogonality_constraint",
     "add_orthogonality_penalty",
     "conv_orthogonality_error",
     "conv_orthogonality_penalty",
@@ -45,6 +50,7 @@ __all__ = [
     "huber",
     "landing",
     "orthogonality_error",
+    "orthogonality_metrics",
     "orthogonality_penalty",
     "orthogonality_penalty_grad",
     "project_orthonormal",

@@ -349,6 +349,10 @@ def orthogonality_metrics(
     * ``"beta"``: the group's multiplier, where ``state`` is given and holds one for
       the leaf.
 
+    A :class:`ConvDims` leaf gives ``"error"`` per operator (the conv operator's
+    :math:`\max |X|`) and ``"beta"``, but no singular values: the operator's depend on
+    the input size (:func:`conv_singular_values` gives them for one).
+
     Jittable (the keys are static). The logging recipe is in the docs' *Choosing β*
     page.
 

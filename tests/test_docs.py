@@ -32,6 +32,7 @@ PAGES_WITH_CODE = [
     "optax.md",
     "soft-or-exact.md",
     "failure-modes.md",
+    "choosing-beta.md",
 ]
 RAW_REST = re.compile(r"\.\. math::|:(?:func|class|math|meth|attr|mod):`")
 

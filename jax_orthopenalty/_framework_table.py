@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -308,6 +309,21 @@ def layout(
     if len(options) == 1:
         return options.pop()
     stacked = [tuple(a for a in range(len(shape)) if a not in at) for at in found]
+    leading = tuple(range(len(shape) - len(roles), len(shape)))
+    if leading in found:
+        # nn.scan, nnx.scan, eqx.filter_vmap and nn.vmap's default stack in front: where
+        # the own axes also fit last (2 layers of 2 heads), the stacked axes lead. Said,
+        # since a stack elsewhere whose sizes happen to fit is then taken wrongly.
+        warnings.warn(
+            f"dimension_numbers_for: the parameter at {where} has shape {shape}, and a "
+            f"{name}'s own {row.param!r} is {own}: the stacked axes could be any of "
+            f"{stacked}; taking the leading ones, as nn.scan, nnx.scan and "
+            "eqx.filter_vmap stack. If this leaf is stacked elsewhere (nn.vmap or "
+            "nnx.vmap on another axis), give its OrthoDims by hand.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return _dims_at(roles, leading, shape)
     raise ValueError(
         f"dimension_numbers_for: the parameter at {where} has shape {shape}, and a "
         f"{name}'s own {row.param!r} is {own}: "
@@ -331,13 +347,13 @@ def skip_why(row: Row, module: Any) -> str:
 # --------------------------------------------------------------------------- docs
 
 _PREFIX = MappingProxyType({"linen": "nn.", "nnx": "nnx.", "equinox": "eqx.nn."})
-_EINSUM_CELLS = [
+_EINSUM_CELLS = (
     "`einsum_str`'s kernel letters",
     "kernel letters contracted with the input",
     "the last kernel letter only in the output",
     "the other kernel letters (in the output)",
     "vectors: the column letter; columns: the contracted letters",
-]
+)
 
 
 def _run_names(row: Row, role: str) -> list[str]:
@@ -348,7 +364,7 @@ def _cells(row: Row) -> list[str]:
     if not row.axes:
         return ["", f"skipped (`None`): {row.why}", "", "", ""]
     if row.roles is not None:
-        return _EINSUM_CELLS
+        return list(_EINSUM_CELLS)
     (column_run,) = _run_names(row, COLUMN)
     column, column_rest = (
         (f"{column_run}[-1]", f"{column_run}[:-1]")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from types import MappingProxyType
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -231,12 +232,14 @@ def _project_kernel(
     return moved.astype(updates.dtype)
 
 
-_ZERO_CONSEQUENCE = {
-    "landing": "the landing field vanishes on a zero group and on a zero column (both terms "
-    "are products with X), so landing never moves them, whatever the task's gradient",
-    "project_orthonormal": "the nearest orthonormal matrix to a zero group (or to a group "
-    "with a zero column) is not unique: the first step turns it into an arbitrary one",
-}
+_ZERO_CONSEQUENCE = MappingProxyType(
+    {
+        "landing": "the landing field vanishes on a zero group and on a zero column (both terms "
+        "are products with X), so landing never moves them, whatever the task's gradient",
+        "project_orthonormal": "the nearest orthonormal matrix to a zero group (or to a group "
+        "with a zero column) is not unique: the first step turns it into an arbitrary one",
+    }
+)
 
 
 def _warn_zeros(name: str, params: Any, dimension_numbers: DimensionNumbers) -> None:

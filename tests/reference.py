@@ -17,21 +17,23 @@ import numpy as np
 EPS = 1e-12  # the normalisation's floor on |phi_j|^2, as tf.math.l2_normalize
 
 
-def _canonical(phi: np.ndarray, vector_axis: Any, column_axis: int) -> tuple[np.ndarray, Any]:
+def _canonical(phi: np.ndarray, vector_axis: Any, column_axis: Any) -> tuple[np.ndarray, Any]:
     """Returns phi as (m, l, n) float64 (complex128 if phi is complex), and a function
     mapping (m, l, n) back."""
     ndim = phi.ndim
     vec = tuple(
         a % ndim for a in (vector_axis if isinstance(vector_axis, tuple) else (vector_axis,))
     )
-    col = column_axis % ndim
-    groups = [a for a in range(ndim) if a not in vec and a != col]
-    perm = [*groups, *vec, col]
+    cols = tuple(
+        a % ndim for a in (column_axis if isinstance(column_axis, tuple) else (column_axis,))
+    )
+    groups = [a for a in range(ndim) if a not in vec and a not in cols]
+    perm = [*groups, *vec, *cols]
     a = np.asarray(phi)
     moved = np.transpose(a.astype(np.complex128 if np.iscomplexobj(a) else np.float64), perm)
     gshape = moved.shape[: len(groups)]
     vshape = moved.shape[len(groups) : len(groups) + len(vec)]
-    n = moved.shape[-1]
+    n = int(np.prod(moved.shape[len(groups) + len(vec) :], dtype=int))  # columns, flattened
     m, l = int(np.prod(gshape, dtype=int)), int(np.prod(vshape, dtype=int))
     flat = moved.reshape(m, l, n)
 
@@ -165,14 +167,15 @@ def penalty_and_grad(
     return beta * value, beta * back(grad)
 
 
-def error(phi: Any, *, vector_axis: Any = 0, column_axis: int = -1) -> np.ndarray:
+def error(phi: Any, *, vector_axis: Any = 0, column_axis: Any = -1) -> np.ndarray:
     """max |Phi_i^T Phi_i - I| per group, shaped like the group axes."""
     ndim = np.ndim(phi)
-    vec = tuple(
-        a % ndim for a in (vector_axis if isinstance(vector_axis, tuple) else (vector_axis,))
-    )
-    col = column_axis % ndim
-    gshape = tuple(np.shape(phi)[a] for a in range(ndim) if a not in vec and a != col)
+
+    def axes(a: Any) -> tuple[int, ...]:
+        return tuple(x % ndim for x in (a if isinstance(a, tuple) else (a,)))
+
+    used = {*axes(vector_axis), *axes(column_axis)}
+    gshape = tuple(np.shape(phi)[a] for a in range(ndim) if a not in used)
     flat, _ = _canonical(np.asarray(phi), vector_axis, column_axis)
     out = [np.abs(a.T @ a - np.eye(a.shape[1])).max(initial=0.0) for a in flat]
     return np.asarray(out, np.float64).reshape(gshape)

@@ -273,6 +273,36 @@ def _warn_zeros(name: str, params: Any, dimension_numbers: DimensionNumbers) -> 
             )
 
 
+LARGE = 2.0**10
+"""Entries beyond this make ``project_orthonormal``'s first step lose precision: the
+update is added in the parameters' dtype, so the result carries their rounding,
+about eps * max|X| (2.6e-4 in float32 at a scale of 1e3)."""
+
+
+def _warn_scale(params: Any, dimension_numbers: DimensionNumbers) -> None:
+    """Warns, naming the leaf, where a selected leaf of concrete params has entries
+    beyond :data:`LARGE` (traced or multi-process arrays are not checked)."""
+
+    def largest(phi: jax.Array, layout: Any) -> float:
+        if not isinstance(layout, Layout) or isinstance(phi, jax.core.Tracer):
+            return 0.0
+        if not phi.is_fully_addressable or phi.size == 0:
+            return 0.0
+        return float(jnp.max(jnp.abs(phi)))
+
+    for path, top in map_params(largest, params, dimension_numbers):
+        if top > LARGE:
+            warnings.warn(
+                f"project_orthonormal: params leaf {where(path)} has entries up to {top:.3g}. "
+                "The projection is an update added in the parameters' dtype, so its first "
+                "step is orthonormal only to about eps * max|X| (2.6e-4 in float32 at 1e3; "
+                "later steps are exact). Start from an orthogonal initialiser, or project "
+                "the parameters themselves once before training.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
 # --------------------------------------------------------------------------- public
 
 
@@ -474,6 +504,7 @@ def project_orthonormal(
 
     def init_fn(params: Any) -> optax.EmptyState:
         _warn_zeros("project_orthonormal", params, dimension_numbers)
+        _warn_scale(params, dimension_numbers)
         return optax.EmptyState()
 
     def update_fn(

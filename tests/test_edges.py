@@ -235,3 +235,20 @@ def test_tuple_column_axis_is_the_rows_of_the_flattened_kernel() -> None:
         jop.orthogonality_penalty(kernel, vector_axis=3, column_axis=(0, 0))
     with pytest.raises(ValueError, match=r"`column_axis`=\(2, 3\) overlaps `vector_axis`=3"):
         jop.orthogonality_penalty(kernel, vector_axis=3, column_axis=(2, 3))
+
+
+def test_projection_of_large_parameters_is_named_at_init() -> None:
+    """Item 12: the first projected step of parameters at scale 1e5 is orthonormal only to
+    about 2e-2 in float32 (the update is added in their dtype); init says so."""
+    w = jnp.asarray(np.random.default_rng(4).normal(size=(256, 64)) * 1e5, jnp.float32)
+    tx = jop.project_orthonormal()
+    with pytest.warns(
+        UserWarning, match=r"project_orthonormal: params leaf \['w'\] has entries up to"
+    ):
+        state = tx.init({"w": w})
+    u, _ = tx.update({"w": jnp.zeros_like(w)}, state, {"w": w})
+    first = float(jop.orthogonality_error(optax.apply_updates(w, u["w"])))
+    assert 1e-3 < first < 0.1  # the documented figure: 2.1e-2
+    q = optax.apply_updates(w, u["w"])
+    u2, _ = tx.update({"w": jnp.zeros_like(q)}, state, {"w": q})  # at unit scale: exact
+    assert float(jop.orthogonality_error(optax.apply_updates(q, u2["w"]))) < 1e-5

@@ -367,3 +367,68 @@ def test_explicit_mesh_multipliers_sharded_like_the_groups() -> None:
         [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- real models
+
+
+def test_constraint_and_metrics_on_real_flax_and_equinox_models() -> None:
+    """The constraint and the metrics with the layouts dimension_numbers_for gives: an
+    equinox MLP, an nnx stack of layers (one multiplier per layer) with a conv as its
+    operator, boxed linen params, and an abstract init."""
+    import equinox as eqx
+    import flax.linen as nn
+    from flax import nnx
+
+    key = jax.random.key(0)
+    mlp = eqx.nn.MLP(8, 4, 16, 2, key=key)
+    eqx_params = eqx.filter(mlp, eqx.is_array)
+    eqx_dims = jop.dimension_numbers_for(mlp)
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def stack(k: jax.Array) -> nnx.Linear:
+        return nnx.Linear(6, 4, rngs=nnx.Rngs(k))
+
+    class Net(nnx.Module):
+        def __init__(self) -> None:
+            self.conv = nnx.Conv(3, 6, (3, 3), strides=(2, 2), rngs=nnx.Rngs(1))
+            self.layers = stack(jax.random.split(key, 3))
+
+    net = Net()
+    nnx_params = nnx.as_pure(nnx.state(net, nnx.Param))
+    nnx_dims = jop.dimension_numbers_for(net, conv="operator")
+
+    class Boxed(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+            return nn.Dense(4, kernel_init=init)(x)
+
+    boxed = Boxed().init(key, jnp.ones((1, 8)))["params"]
+    boxed_dims = jop.dimension_numbers_for(Boxed(), boxed, jnp.ones((1, 8)))
+
+    for params, dims, groups in (
+        (eqx_params, eqx_dims, {"layers[0].weight": (), "layers[2].weight": ()}),
+        (nnx_params, nnx_dims, {"['conv']['kernel']": (), "['layers']['kernel']": (3,)}),
+        (boxed, boxed_dims, {"['Dense_0']['kernel'].value": ()}),  # the box's value
+    ):
+        tx = optax.chain(
+            jop.add_orthogonality_constraint(1e-2, rate=1e-2, dimension_numbers=dims),
+            optax.sgd(1e-2),
+        )
+        state = tx.init(params)
+        assert jax.eval_shape(tx.init, params) is not None  # abstract init too
+        grads = jax.tree.map(jnp.zeros_like, params)
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = jax.jit(
+            lambda p, s, d=dims: jop.orthogonality_metrics(p, dimension_numbers=d, state=s)
+        )(params, state)
+        for name, shape in groups.items():
+            key_ = next(k for k in metrics if k.endswith(name))
+            leaf = metrics[key_]
+            assert leaf["error"].shape == shape and leaf["beta"].shape == shape, (key_, leaf)
+            # One step from beta_init = 0: every group far from orthonormal raised its beta.
+            assert bool(jnp.all(leaf["beta"] > 0)) and bool(jnp.all(jnp.isfinite(leaf["error"])))
+            if "conv" not in name:
+                assert leaf["sigma_max"].shape == shape

@@ -244,6 +244,16 @@ def _worker(process_id: int, port: int, out: Path) -> None:  # pragma: no cover
     # (c) the optax step on group-sharded params, with a replicated bias.
     params = {"w": phi_g, "b": from_callback(replicated, data["bias"])}
     run("group-optax", cases["optax"], params)
+    # The transforms' init and summary on params that span the other process's devices:
+    # their zero check fetched every leaf to the host ("non-addressable devices").
+    try:
+        import jax_orthopenalty as jop
+
+        jop.landing().init(params)
+        jop.project_orthonormal().init(params)
+        status["init_summary"] = {"ok": True, "last": jop.summary(params).splitlines()[-1]}
+    except Exception as e:
+        status["init_summary"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:800]}
     # jax.grad inside jax.shard_map, the per-device program written by hand.
     run(
         "shard-map-grad",
@@ -403,6 +413,15 @@ def test_two_processes_eight_devices(run: dict[str, Any]) -> None:
     # In the (hosts, local) mesh each row is one process's devices.
     assert run["statuses"][0]["mesh2_rows"] == [[0], [1]]
     assert run["seconds"] < TIMEOUT_S, run["report"]
+
+
+def test_init_and_summary_on_params_across_processes(run: dict[str, Any]) -> None:
+    """landing's and the projection's init, and summary, on params whose leaves span
+    both processes' devices: no host copy of what this process does not hold."""
+    for status in run["statuses"]:
+        record = status["init_summary"]
+        assert record["ok"], record.get("error")
+        assert record["last"] == "selected: 1 of 2 leaves, 32 groups", record
 
 
 @pytest.mark.parametrize("what", ["value", "grad"])

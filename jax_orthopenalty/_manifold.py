@@ -36,6 +36,7 @@ from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import _contract
@@ -284,11 +285,12 @@ def _warn_scale(params: Any, dimension_numbers: DimensionNumbers) -> None:
     beyond :data:`LARGE` (traced or multi-process arrays are not checked)."""
 
     def largest(phi: jax.Array, layout: Any) -> float:
+        # NumPy on the host copy: a jnp op would be staged into an enclosing jit trace.
         if not isinstance(layout, Layout) or isinstance(phi, jax.core.Tracer):
             return 0.0
         if not phi.is_fully_addressable or phi.size == 0:
             return 0.0
-        return float(jnp.max(jnp.abs(phi)))
+        return float(np.max(np.abs(np.asarray(phi))))
 
     for path, top in map_params(largest, params, dimension_numbers):
         if top > LARGE:

@@ -69,7 +69,7 @@ class Residual:
     row_w: jax.Array | None  # double_sided, squared: 4 X, (groups..., n, n)
     row_rho: jax.Array | None  # ... and off_diagonal: 4 (|psi_a|^2 - 1), per row of phi
     col_scale: jax.Array | None  # normalize: the exact power of 2 phi was scaled by
-    error: jax.Array  # max |X_jk| per group (off_diagonal: off the diagonal), (groups...)
+    error: jax.Array | None  # max |X_jk| per group, (groups...); only where asked for
 
 
 def _row_block(spec: Spec, psi: jax.Array, acc: Any) -> tuple[jax.Array, jax.Array]:
@@ -201,7 +201,7 @@ def gram_residual(spec: Spec, phi: jax.Array, acc: Any) -> Gram:
     return Gram(phi, col_scale, gram, x, eye, inv_norm, unit_diagonal)
 
 
-def forward(spec: Spec, phi: jax.Array) -> Residual:
+def forward(spec: Spec, phi: jax.Array, *, error: bool = False) -> Residual:
     acc = accumulation_dtype(phi.dtype)
     g = gram_residual(spec, phi, acc)
     x, eye, inv_norm, unit_diagonal = g.x, g.eye, g.inv_norm, g.unit_diagonal
@@ -234,7 +234,9 @@ def forward(spec: Spec, phi: jax.Array) -> Residual:
         row_w=row_w,
         row_rho=row_rho,
         col_scale=g.col_scale,
-        error=group_error(x),
+        # Only where asked (the constraint): the custom_vjp saves its residual, so an
+        # unused error would be computed on every backward pass.
+        error=group_error(x) if error else None,
     )
 
 

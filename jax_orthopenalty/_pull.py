@@ -44,8 +44,9 @@ def pull(
         _check_conv(options)
         return conv_pull(phi, scale, layout, options.rule, options.precision)
     spec = make_spec(phi, layout, options)
-    res = forward(spec, phi)
+    res = forward(spec, phi, error=True)
     grad = backward(spec, phi, res, scale.astype(res.total.dtype))
+    assert res.error is not None
     return grad.astype(phi.dtype), res.error
 
 

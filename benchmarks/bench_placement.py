@@ -55,10 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax_orthopenalty as jop
 from benchmarks import _harness, _machine
+from benchmarks.bench_every import BATCH, HIDDEN, LEARNING_RATE, forward, init  # the same MLP
 
-LEARNING_RATE = 1e-3
-BATCH = 64
-HIDDEN = 64
 MEMBERS = 8
 CHECKPOINTS = (0, 30, 100, 300)
 KERNELS = ("w1", "w2", "w3")
@@ -116,21 +114,6 @@ GRID = tuple(
     )
     for beta in betas
 )
-
-
-def init(seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    params = {}
-    for i, (a, b) in enumerate([(64, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 10)], start=1):
-        params[f"w{i}"] = (rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32)
-        params[f"b{i}"] = np.zeros(b, np.float32)
-    return params
-
-
-def forward(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    h = jnp.tanh(x @ params["w1"] + params["b1"])
-    h = jnp.tanh(h @ params["w2"] + params["b2"])
-    return h @ params["w3"] + params["b3"]
 
 
 class Model(NamedTuple):
